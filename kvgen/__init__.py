@@ -1,0 +1,65 @@
+"""kvgen: a small, readable LLM text-generation engine for PyTorch.
+
+    import kvgen
+    lm = kvgen.load("path/to/model")
+    print(lm.generate("Once upon a time", max_new_tokens=32).text)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .api import BACKENDS, LM, Response, Result, Timings
+from .loading import load_native, parse_dtype, read_config, resolve_model
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["load", "LM", "Result", "Response", "Timings", "SamplingParams"]
+
+
+def _eos_token_ids(folder: Path, tokenizer) -> list[int]:
+    """EOS ids as generation would use them: generation_config.json, then config.json, then the tokenizer."""
+    sources = []
+    if (folder / "generation_config.json").is_file():
+        sources.append(json.loads((folder / "generation_config.json").read_text()).get("eos_token_id"))
+    sources += [read_config(folder).get("eos_token_id"), tokenizer.eos_token_id]
+    for eos in sources:
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+def load(
+    model: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    backend: str = "native",
+) -> LM:
+    """Load a model folder (config.json, safetensors or pytorch_model.bin, tokenizer files) or a hub
+    id already in the local Hugging Face cache.
+
+    `backend="native"` runs kvgen's own model and loop; `backend="hf"` runs transformers'
+    `generate()` on the same weights, behind the same API.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    start = time.perf_counter()
+    folder = resolve_model(model)
+    dtype = parse_dtype(dtype)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ValueError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    if backend == "hf":
+        from .hf import load_hf
+
+        net = load_hf(folder, dtype, device)
+    else:
+        net = load_native(folder, dtype, device)
+    return LM(net, tokenizer, backend, folder, _eos_token_ids(folder, tokenizer), time.perf_counter() - start)

@@ -1,0 +1,259 @@
+"""The Python API: `LM.generate`, `LM.stream`, `LM.generate_batch`, for both backends.
+
+Layers, bottom to top: a token source yields (B,) token ids per step (`generate.generate_tokens`
+for the native loop, `hf.generate_tokens_hf` for transformers); `LM.stream_responses` turns them
+into text pieces per row with stop handling and timings; `stream` and `generate` sit on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .cache import CACHE_KINDS
+from .generate import generate_tokens
+from .hf import generate_tokens_hf
+from .sampling import SamplingParams
+from .text import IncrementalDecoder, StopMatcher
+
+BACKENDS = ("native", "hf")
+
+
+@dataclass
+class Timings:
+    load_s: float = 0.0
+    prefill_s: float = 0.0  # prompt in, first token out
+    decode_s: float = 0.0  # first token to last token
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Decode steps per second: every token after the first comes from one decode step."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(
+            load_s=self.load_s,
+            prefill_s=self.prefill_s,
+            decode_s=self.decode_s,
+            prompt_tokens=self.prompt_tokens,
+            new_tokens=self.new_tokens,
+            prefill_tok_s=self.prefill_tok_s,
+            decode_tok_s=self.decode_tok_s,
+        )
+
+
+@dataclass
+class Response:
+    """One step of one row: the text it adds (may be empty) and, on its last step, why it ended."""
+
+    text: str
+    token_id: int
+    finish_reason: str | None = None  # "length", "eos" or "stop" on the row's last step
+    timings: Timings | None = None  # on the row's last step
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    finish_reason: str
+    timings: Timings = field(default_factory=Timings)
+
+    def as_dict(self) -> dict:
+        return dict(
+            text=self.text,
+            token_ids=self.token_ids,
+            prompt_ids=self.prompt_ids,
+            finish_reason=self.finish_reason,
+            timings=self.timings.as_dict(),
+        )
+
+
+class _Row:
+    """One prompt's progress: its tokens, its text so far, and whether it has finished."""
+
+    def __init__(self, lm: "LM", prompt_ids: list[int], stop: list[str], stop_at_eos: bool) -> None:
+        self.decoder = IncrementalDecoder(lm.tokenizer, prompt_ids)
+        self.stops = StopMatcher(stop)
+        self.eos = set(lm.eos_token_ids) if stop_at_eos else set()
+        self.finish_reason: str | None = None
+
+    def add(self, token_id: int, last_step: bool) -> Response:
+        is_eos = token_id in self.eos
+        piece = "" if is_eos else self.decoder.add(token_id)
+        if is_eos or last_step:
+            piece += self.decoder.flush()  # the row ends: even a split character is shown
+        text, stopped = self.stops.feed(piece)
+        if stopped:
+            self.finish_reason = "stop"
+        elif is_eos or last_step:
+            self.finish_reason = "eos" if is_eos else "length"
+            text += self.stops.flush()
+        return Response(text, token_id, self.finish_reason)
+
+
+class LM:
+    """A loaded model and its tokenizer. Build one with `kvgen.load`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        backend: str,
+        path: Path,
+        eos_token_ids: list[int],
+        load_seconds: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.path = path
+        self.eos_token_ids = eos_token_ids
+        self.load_seconds = load_seconds
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (special tokens such as BOS added the model's way); ids pass through."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return self.tokenizer(prompt).input_ids
+        if not prompt:
+            raise ValueError("prompt is empty")
+        return list(prompt)
+
+    def _token_steps(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, cache: str) -> Iterator[Tensor]:
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
+        if self.backend == "hf":
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_ids or [0])[0]
+            return generate_tokens_hf(self.model, prompts, max_new_tokens, params, self.eos_token_ids, pad, cache)
+        return generate_tokens(self.model, prompts, max_new_tokens, params, cache)
+
+    def stream_batch(
+        self,
+        prompts: list[str | list[int]],
+        max_new_tokens: int = 64,
+        *,
+        stop: str | list[str] | None = None,
+        stop_at_eos: bool = True,
+        cache: str = "dynamic",
+        **sampling,
+    ) -> Iterator[list[Response | None]]:
+        """Yield, per step, one `Response` per prompt (None once that prompt has finished)."""
+        if not prompts:
+            raise ValueError("no prompts given")
+        params = SamplingParams(**sampling)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        prompt_ids = [self.encode(p) for p in prompts]
+        rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
+        start = time.perf_counter()
+        first_token_at = start
+        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache)) as steps:
+            for step, tokens in enumerate(steps):
+                now = time.perf_counter()
+                if step == 0:
+                    first_token_at = now
+                out: list[Response | None] = []
+                for row, ids, token in zip(rows, prompt_ids, tokens.tolist()):
+                    if row.finish_reason is not None:
+                        out.append(None)
+                        continue
+                    response = row.add(token, last_step=step + 1 == max_new_tokens)
+                    if response.finish_reason:
+                        response.timings = Timings(self.load_seconds, first_token_at - start, now - first_token_at, len(ids), step + 1)
+                    out.append(response)
+                yield out
+                if all(row.finish_reason for row in rows):
+                    return
+
+    def stream_responses(self, prompt: str | list[int], max_new_tokens: int = 64, **kwargs) -> Iterator[Response]:
+        """Yield one `Response` per generated token of a single prompt."""
+        for (response,) in self.stream_batch([prompt], max_new_tokens, **kwargs):
+            yield response
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, **kwargs) -> Iterator[str]:
+        """Yield text pieces as they are decoded; closing the generator stops generation at once.
+
+        Keyword arguments are those of `generate`.
+        """
+        with contextlib.closing(self.stream_responses(prompt, max_new_tokens, **kwargs)) as responses:
+            for response in responses:
+                if response.text:
+                    yield response.text
+
+    def generate_batch(self, prompts: list[str | list[int]], max_new_tokens: int = 64, **kwargs) -> list[Result]:
+        """Generate for several prompts at once (left padding, per-row positions).
+
+        Each row's greedy output is the same as running that prompt alone.
+        """
+        prompt_ids = [self.encode(p) for p in prompts]
+        texts: list[list[str]] = [[] for _ in prompts]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        results: list[Result | None] = [None] * len(prompts)
+        for step in self.stream_batch(prompt_ids, max_new_tokens, **kwargs):
+            for i, response in enumerate(step):
+                if response is None:
+                    continue
+                texts[i].append(response.text)
+                tokens[i].append(response.token_id)
+                if response.finish_reason:
+                    results[i] = Result("".join(texts[i]), tokens[i], prompt_ids[i], response.finish_reason, response.timings)
+        return results
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_at_eos: bool = True,
+        cache: str = "dynamic",
+    ) -> Result:
+        """Generate up to `max_new_tokens` tokens after `prompt`.
+
+        Temperature 0 is greedy. Generation ends after exactly `max_new_tokens` tokens
+        (finish_reason "length") unless an EOS token ("eos", when `stop_at_eos`) or one of the `stop`
+        strings ("stop"; the stop string is not returned) ends it first. `cache` is "dynamic" or
+        "static". `token_ids` holds every generated token, EOS included.
+        """
+        (result,) = self.generate_batch(
+            [prompt],
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+            stop_at_eos=stop_at_eos,
+            cache=cache,
+        )
+        return result

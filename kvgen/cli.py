@@ -1,0 +1,164 @@
+"""`kvgen` on the command line: generate, compare.
+
+Bad input (a missing model, an unknown flag value, an empty prompt, a context overflow) prints one
+line on stderr and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .api import BACKENDS, Result
+from .cache import CACHE_KINDS
+from .loading import DTYPES
+from .sampling import SamplingParams
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="model folder, or a hub id in the local Hugging Face cache")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the text")
+    p.add_argument("--ignore-eos", action="store_true", help="generate through EOS tokens")
+    p.add_argument("--cache", choices=CACHE_KINDS, default="dynamic")
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    """Validated generate() keyword arguments; raises ValueError before any model is loaded."""
+    if not args.prompt:
+        raise ValueError("prompt is empty")
+    sampling = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    SamplingParams(**sampling)
+    return dict(sampling, stop=args.stop, stop_at_eos=not args.ignore_eos, cache=args.cache)
+
+
+def _timing_line(result: Result) -> str:
+    t = result.timings
+    return (
+        f"[{result.finish_reason}] prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s ({t.prefill_tok_s:.1f} tok/s), "
+        f"decode {t.new_tokens} tok in {t.decode_s:.3f} s ({t.decode_tok_s:.1f} tok/s), load {t.load_s:.2f} s"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import kvgen
+
+    kwargs = _generation_kwargs(args)
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    if args.json:
+        print(json.dumps(lm.generate(args.prompt, args.max_new_tokens, **kwargs).as_dict(), indent=2))
+        return 0
+    pieces, final = [], None
+    for response in lm.stream_responses(args.prompt, args.max_new_tokens, **kwargs):
+        pieces.append(response.text)
+        print(response.text, end="", flush=True)
+        final = response
+    print()
+    ids = lm.encode(args.prompt)
+    print(_timing_line(Result("".join(pieces), [], ids, final.finish_reason, final.timings)), file=sys.stderr)
+    return 0
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two token lists differ (a length difference counts)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import kvgen
+    from rich.console import Console
+    from rich.table import Table
+
+    kwargs = _generation_kwargs(args)
+    console = Console(highlight=False)
+    results = {}
+    for backend in ("hf", "native"):
+        lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, backend=backend)
+        results[backend] = lm.generate(args.prompt, args.max_new_tokens, **kwargs)
+    way1, way2 = results["hf"], results["native"]
+    diff = first_difference(way1.token_ids, way2.token_ids)
+    if args.json:
+        print(json.dumps(dict(identical=diff is None, first_difference=diff, hf=way1.as_dict(), native=way2.as_dict()), indent=2))
+        return 0 if diff is None else 1
+    table = Table(title=f"{args.prompt!r} + {args.max_new_tokens} tokens, {args.dtype}, {args.cache} cache")
+    for column in ("", "way 1: transformers generate()", "way 2: kvgen prefill + decode"):
+        table.add_column(column, overflow="fold")
+    table.add_row("text", way1.text, way2.text)
+    table.add_row("tokens", str(len(way1.token_ids)), str(len(way2.token_ids)))
+    table.add_row("finish", way1.finish_reason, way2.finish_reason)
+    for label, key in (("load s", "load_s"), ("prefill tok/s", "prefill_tok_s"), ("decode tok/s", "decode_tok_s")):
+        table.add_row(label, f"{getattr(way1.timings, key):.2f}", f"{getattr(way2.timings, key):.2f}")
+    console.print(table)
+    if diff is None:
+        console.print(f"[green]identical: all {len(way1.token_ids)} token ids match[/green]")
+        return 0
+    console.print(f"[red]different: first differing token at position {diff}[/red]")
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvgen", description="Generate text with a causal language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a continuation of PROMPT")
+    _add_generation_args(p)
+    _add_model_args(p)
+    p.add_argument("--backend", choices=BACKENDS, default="native")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("compare", help="run transformers' generate() and kvgen's loop on the same weights")
+    _add_generation_args(p)
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(run=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:
+        print(f"kvgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The generation loop: prefill, decode_one, and the step generator built on them.
+
+The loop knows a model only through its pure forward (`model(tokens, positions, cache)`), its
+`cache_layout()` and its context length; it never sees an architecture, and the cache never sees
+the loop. Everything above it (text streaming, stop strings, batching results, the CLI) consumes
+`generate_tokens`, which yields one (B,) tensor of token ids per step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .cache import LayerCache, make_cache
+from .sampling import SamplingParams, sample
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[LayerCache]) -> Tensor:
+    """Run the whole (B, T) prompt once, filling the cache; returns the last position's (B, vocab) logits."""
+    return model(tokens, positions, cache)
+
+
+@torch.no_grad()
+def decode_one(model: nn.Module, token: Tensor, position: Tensor, cache: list[LayerCache]) -> Tensor:
+    """Feed one (B,) token per row at its (B,) position; returns the next (B, vocab) logits."""
+    return model(token[:, None], position[:, None], cache)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Token ids of several prompts -> (B, T) tokens and positions, shorter rows padded on the left.
+
+    Each row's positions count from 0 at its first real token, exactly as if it ran alone; pad
+    slots get position -1, which the attention mask never attends to.
+    """
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    positions = torch.full((len(prompts), width), -1, dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        tokens[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        positions[row, width - len(ids) :] = torch.arange(len(ids))
+    return tokens, positions
+
+
+def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > context_length:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"of {context_length} tokens"
+        )
+
+
+def generate_tokens(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams = SamplingParams(),
+    cache_kind: str = "dynamic",
+) -> Iterator[Tensor]:
+    """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
+
+    Rows that finish early keep decoding (their tokens are ignored upstream); closing the generator
+    stops the computation before the next step.
+    """
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype
+    check_fits(max(map(len, prompts)), max_new_tokens, model.config.context_length)
+    tokens, positions = (t.to(device) for t in left_pad(prompts))
+    cache = make_cache(cache_kind, model.cache_layout(), len(prompts), tokens.shape[1] + max_new_tokens, dtype, device)
+    generator = params.generator(device)
+    # The repetition penalty looks at every token so far; pad slots repeat the row's last prompt token,
+    # which the penalty already covers, so padding never changes a row's result.
+    history = torch.where(positions >= 0, tokens, tokens[:, -1:]) if params.repetition_penalty != 1.0 else None
+
+    logits = prefill(model, tokens, positions, cache)
+    position = positions[:, -1] + 1
+    for step in range(max_new_tokens):
+        token = sample(logits, params, generator, history)
+        yield token
+        if step + 1 == max_new_tokens:
+            return
+        if history is not None:
+            history = torch.cat([history, token[:, None]], dim=1)
+        logits = decode_one(model, token, position, cache)
+        position = position + 1

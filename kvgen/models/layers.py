@@ -1,0 +1,105 @@
+"""Pieces every model family shares: the attention mask rule, attention itself, activations."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int | None = None) -> Tensor:
+    """(B, T) query and (B, S) key positions -> (B, 1, T, S) boolean mask, True = may attend.
+
+    A query at position p sees every stored slot at a position 0 <= q <= p, and with a sliding
+    `window` only the last `window` of them (p - window < q). Position -1 is an empty slot (left
+    padding or a static cache's unwritten tail). Padding queries see every slot so their rows stay
+    finite (no all-masked softmax); nothing ever reads their output.
+    """
+    q = query_positions[:, None, :, None]
+    k = key_positions[:, None, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= k > q - window
+    return visible | (q < 0)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcast: bool = False) -> Tensor:
+    """Scaled dot-product attention over (B, H, T, D) queries and (B, Hkv, S, D) keys/values.
+
+    `upcast` computes the scores in float32 (GPT-2's `reorder_and_upcast_attn`), which matters
+    only for half-precision weights.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.to(dtype)  # (B, H, T, D)
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# Names as transformers' ACT2FN spells them; each entry is the same function, not an approximation.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation function {name!r}; kvgen knows: {', '.join(ACTIVATIONS)}") from None
+
+
+def rope_inv_freq(head_dim: int, rope: dict) -> Tensor:
+    """Inverse frequencies (head_dim / 2,) of rotary embeddings, from a transformers-style
+    `rope_parameters` dict: {"rope_type": "default" | "linear" | "llama3", "rope_theta": ..., ...}.
+    """
+    base = rope.get("rope_theta", 10000.0)
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        original = rope["original_max_position_embeddings"]
+        wavelen = 2 * torch.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        is_medium = (wavelen <= original / low) & (wavelen >= original / high)
+        return torch.where(is_medium, blended, scaled)
+    raise ValueError(f"unsupported rope_type {kind!r}; kvgen knows: default, linear, llama3")
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(B, T) positions -> cos, sin of shape (B, 1, T, head_dim), computed in float32 like transformers."""
+    freqs = positions.clamp(min=0)[..., None].float() * inv_freq.float().to(positions.device)  # (B, T, D/2)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, D) queries or keys; the two halves of D are the pairs (transformers' layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
