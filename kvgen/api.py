@@ -142,12 +142,15 @@ class LM:
             raise ValueError("prompt is empty")
         return list(prompt)
 
-    def _token_steps(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, cache: str) -> Iterator[Tensor]:
+    def _token_steps(
+        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, cache: str, stop_at_eos: bool
+    ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
         if self.backend == "hf":
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_ids or [0])[0]
-            return generate_tokens_hf(self.model, prompts, max_new_tokens, params, self.eos_token_ids, pad, cache)
+            eos = self.eos_token_ids if stop_at_eos else []
+            return generate_tokens_hf(self.model, prompts, max_new_tokens, params, eos, pad, cache)
         return generate_tokens(self.model, prompts, max_new_tokens, params, cache)
 
     def stream_batch(
@@ -169,7 +172,7 @@ class LM:
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         start = time.perf_counter()
         first_token_at = start
-        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache)) as steps:
+        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos)) as steps:
             for step, tokens in enumerate(steps):
                 now = time.perf_counter()
                 if step == 0:

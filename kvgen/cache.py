@@ -4,9 +4,14 @@ Attention hands each layer's cache this step's keys and values, shaped (B, H, T,
 positions of the new tokens, shaped (B, T); the cache answers with everything the queries may
 attend to: keys and values (B, H, S, D) and the position of every slot (B, S). Position -1 marks a
 slot that holds nothing (left padding, or a static cache's unwritten tail), so one rule builds the
-mask for every kind of cache: a query at position p sees the slots at positions 0 <= q <= p
-(`kvgen.models.layers.attention_mask`). The model cannot tell the kinds apart, and no cache knows
-the loop that drives it.
+mask for every kind of cache: a query at position p sees the slots at positions 0 <= q <= p, and in
+a sliding-window layer only the last `window` of them, p - window < q
+(`kvgen.models.layers.attention_mask`). Slots may come back in any order: the mask reads positions.
+
+A sliding-window layer's cache keeps only what a later query can still see. That relies on how the
+loop feeds every cache: each row's positions rise by one per slot, so the last `window - 1` slots
+hold everything the next token may attend to. The model cannot tell the kinds apart, and no cache
+knows the loop that drives it.
 """
 
 from __future__ import annotations
@@ -32,21 +37,29 @@ class LayerShape:
 
 
 class DynamicLayerCache:
-    """Grows by concatenation as tokens arrive, like transformers' `past_key_values`."""
+    """Grows by concatenation as tokens arrive, like transformers' `past_key_values`.
 
-    def __init__(self) -> None:
+    With a `window` it then drops all but the last `window - 1` entries: the next query sees only
+    those and itself. This step's queries have already been handed every entry they need.
+    """
+
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.positions: Tensor | None = None
 
     def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.keys is None:
-            self.keys, self.values, self.positions = keys, values, positions
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=2)
-            self.values = torch.cat([self.values, values], dim=2)
-            self.positions = torch.cat([self.positions, positions], dim=1)
-        return self.keys, self.values, self.positions
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys], dim=2)
+            values = torch.cat([self.values, values], dim=2)
+            positions = torch.cat([self.positions, positions], dim=1)
+        self.keys, self.values, self.positions = keys, values, positions
+        if self.window is not None and (start := keys.shape[2] - (self.window - 1)) > 0:
+            # Copies, not views: a view would keep a long prompt's whole tensor alive.
+            self.keys, self.values = keys[:, :, start:].clone(), values[:, :, start:].clone()
+            self.positions = positions[:, start:].clone()
+        return keys, values, positions
 
     @property
     def length(self) -> int:
@@ -93,7 +106,57 @@ class StaticLayerCache:
         return self.keys.nbytes + self.values.nbytes
 
 
-LayerCache = DynamicLayerCache | StaticLayerCache
+class RingLayerCache:
+    """The static cache of a sliding-window layer: `window` preallocated slots, reused in turn.
+
+    The i-th token of the stream lives in slot i % window, overwriting one that no later query can
+    see. Decoding one token writes it in place and attends over the ring, so decode shapes stay
+    fixed, as with `StaticLayerCache`. A step of several tokens (prefill) attends over the ring as
+    it was plus the new entries, since the first new queries still need slots the last ones would
+    overwrite; then the ring keeps the newest `window`, so a prompt may be longer than the window.
+    """
+
+    def __init__(self, batch: int, shape: LayerShape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        size = min(shape.window, max_len)  # a stream shorter than the window never wraps
+        self.keys = torch.zeros(batch, shape.kv_heads, size, shape.head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.full((batch, size), -1, dtype=torch.long, device=device)
+        self.index = 0  # tokens seen so far; the next one goes to slot index % size
+
+    def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        T, size = keys.shape[2], self.keys.shape[2]
+        if T == 1:
+            self._write(keys, values, positions)
+            return self.keys, self.values, self.positions
+        seen = (
+            torch.cat([self.keys, keys], dim=2),
+            torch.cat([self.values, values], dim=2),
+            torch.cat([self.positions, positions], dim=1),
+        )
+        kept = min(T, size)
+        self._write(keys[:, :, T - kept :], values[:, :, T - kept :], positions[:, T - kept :], skipped=T - kept)
+        return seen
+
+    def _write(self, keys: Tensor, values: Tensor, positions: Tensor, skipped: int = 0) -> None:
+        """Store (B, H, n, D) entries in the slots of stream tokens index + skipped ... onwards."""
+        start = self.index + skipped
+        slots = torch.arange(start, start + keys.shape[2], device=keys.device) % self.keys.shape[2]
+        self.keys.index_copy_(2, slots, keys)
+        self.values.index_copy_(2, slots, values)
+        self.positions.index_copy_(1, slots, positions)
+        self.index = start + keys.shape[2]
+
+    @property
+    def length(self) -> int:
+        """Tokens stored."""
+        return min(self.index, self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+LayerCache = DynamicLayerCache | StaticLayerCache | RingLayerCache
 
 
 def make_cache(
@@ -104,9 +167,18 @@ def make_cache(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> list[LayerCache]:
-    """One cache per attention layer. `max_len` bounds the static kind (prompt + new tokens)."""
+    """One cache per attention layer. `max_len` bounds the static kind (prompt + new tokens).
+
+    Sliding-window layers get caches that hold about `window` tokens, however long the stream.
+    """
     if kind == "dynamic":
-        return [DynamicLayerCache() for _ in layers]
+        return [DynamicLayerCache(shape.window) for shape in layers]
     if kind == "static":
-        return [StaticLayerCache(batch, shape, max_len, dtype, torch.device(device)) for shape in layers]
+        device = torch.device(device)
+        return [
+            StaticLayerCache(batch, shape, max_len, dtype, device)
+            if shape.window is None
+            else RingLayerCache(batch, shape, max_len, dtype, device)
+            for shape in layers
+        ]
     raise ValueError(f"unknown cache kind {kind!r}; choose one of: {', '.join(CACHE_KINDS)}")

@@ -41,7 +41,7 @@ def train_tokenizer(folder: str | Path, vocab_size: int = 384) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator([TRAINING_TEXT] * 4, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
@@ -58,7 +58,7 @@ def scale_weights(model: torch.nn.Module, factor: float, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * factor * p.shape[-1] ** -0.5)
 
 
-def build_gpt2(folder: str | Path, seed: int = 0, scale: float = 1.0, **config: Any) -> Path:
+def build_gpt2(folder: str | Path, seed: int = 0, scale: float = 4.0, **config: Any) -> Path:
     """Save a random GPT-2 (transformers' GPT2LMHeadModel) with a trained tokenizer to `folder`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -71,3 +71,85 @@ def build_gpt2(folder: str | Path, seed: int = 0, scale: float = 1.0, **config: 
     scale_weights(model, scale, seed)
     model.save_pretrained(folder)
     return folder
+
+
+def build_gemma3(folder: str | Path, seed: int = 0, scale: float = 4.0, **config: Any) -> Path:
+    """Save a random Gemma 3 text model (transformers' Gemma3ForCausalLM) with a trained tokenizer to `folder`.
+
+    Gemma's RMSNorm weights are offsets from 1 and start at 0; they are redrawn too, widely, so the
+    tests see every norm and attention is not near-uniform after the q/k norms. The post-attention
+    and post-MLP norms are lifted by 3 so that each block's output is not drowned by the embedding
+    (scaled by sqrt(hidden_size)), which otherwise makes the tied head repeat the last token.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder = Path(folder)
+    tokenizer = train_tokenizer(folder)
+    defaults = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=256, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    cfg = Gemma3TextConfig(**{**defaults, **config}, **special)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    scale_weights(model, scale, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 2.0)
+            if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+                p += 3.0
+    model.save_pretrained(folder)
+    return folder
+
+
+def randomize_vectors(model: torch.nn.Module, seed: int, bias_spread: float = 0.5, norm_spread: float = 0.2) -> None:
+    """Redraw biases around 0 and norm scales around 1: transformers initialises them to exactly 0
+    and 1, and a test could not then tell whether they are applied at all."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                noise = torch.randn(p.shape, generator=generator)
+                p.copy_(noise * bias_spread if name.endswith(".bias") else 1 + noise * norm_spread)
+
+
+def _build_decoder(folder: str | Path, config_class: type, model_class: type, seed: int, scale: float, config: dict) -> Path:
+    """A random Llama-layout decoder (transformers' classes) with a trained tokenizer, saved to `folder`."""
+    folder = Path(folder)
+    tokenizer = train_tokenizer(folder)
+    defaults = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    )
+    cfg = config_class(**{**defaults, **config}, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = model_class(cfg)
+    scale_weights(model, scale, seed)
+    randomize_vectors(model, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_llama(folder: str | Path, seed: int = 0, scale: float = 8.0, **config: Any) -> Path:
+    """Save a random Llama (transformers' LlamaForCausalLM) with a trained tokenizer to `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _build_decoder(folder, LlamaConfig, LlamaForCausalLM, seed, scale, config)
+
+
+def build_qwen2(folder: str | Path, seed: int = 0, scale: float = 8.0, **config: Any) -> Path:
+    """Save a random Qwen2 (transformers' Qwen2ForCausalLM) with a trained tokenizer to `folder`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _build_decoder(folder, Qwen2Config, Qwen2ForCausalLM, seed, scale, config)
+
+
+def build_qwen3(folder: str | Path, seed: int = 0, scale: float = 8.0, **config: Any) -> Path:
+    """Save a random Qwen3 (transformers' Qwen3ForCausalLM) with a trained tokenizer to `folder`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _build_decoder(folder, Qwen3Config, Qwen3ForCausalLM, seed, scale, config)

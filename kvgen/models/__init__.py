@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gpt2
+from . import gemma3, gpt2, llama, qwen
 
 FAMILIES: dict[str, tuple[type, ModuleType]] = {
     "gpt2": (gpt2.GPT2, gpt2),
+    "gemma3_text": (gemma3.Gemma3, gemma3),
+    "gemma3": (gemma3.Gemma3, gemma3),  # multimodal checkpoints: the text model only
+    "llama": (llama.Llama, llama),
+    "qwen2": (qwen.Qwen2, qwen),
+    "qwen3": (qwen.Qwen3, qwen),
 }
 
 

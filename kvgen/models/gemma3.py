@@ -1,0 +1,157 @@
+"""Gemma 3 (text) in plain PyTorch: sliding-window layers interleaved with global ones.
+
+Each layer is "sliding_attention" (sees the last `sliding_window` tokens, RoPE base 10k) or
+"full_attention" (sees everything, RoPE base 1M, maybe scaled), as `layer_types` says. Queries and
+keys are RMS-normed per head before RoPE; every block normalises the input and the output of both
+its attention and its GeGLU MLP; embeddings are scaled by sqrt(hidden_size) and tied to the head.
+Parameter names follow transformers' `Gemma3ForCausalLM` checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import LayerCache, LayerShape, make_cache
+from ..config import Gemma3Config
+from .layers import activation, apply_rope, attention, attention_mask, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1, and all of it runs in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)  # scale before the cast back, as transformers does
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Gemma3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+
+    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v, key_positions = cache.update(k, v, positions)  # (B, Hkv, S, D), (B, S)
+        y = attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GeGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Gemma3Config, layer_idx: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, rope, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    config_class = Gemma3Config
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+                norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # A few numbers per layer type, made on the CPU even while the model is built on `meta`.
+        with torch.device("cpu"):
+            self.inv_freq = {kind: rope_inv_freq(config.head_dim, config.rope_parameters[kind]) for kind in set(config.layer_types)}
+
+    def cache_layout(self) -> list[LayerShape]:
+        """What each layer's KV cache stores per token; sliding layers need only their window."""
+        c = self.config
+        return [
+            LayerShape(c.num_key_value_heads, c.head_dim, c.sliding_window if kind == "sliding_attention" else None)
+            for kind in c.layer_types
+        ]
+
+    def forward(
+        self, tokens: Tensor, positions: Tensor, cache: list[LayerCache] | None = None, all_logits: bool = False
+    ) -> Tensor:
+        """(B, T) token ids and positions (-1 = padding) -> logits of the last position, (B, vocab).
+
+        With `all_logits` every position's logits come back, (B, T, vocab). Without a cache the
+        call attends only within `tokens`.
+        """
+        if cache is None:
+            cache = make_cache("dynamic", self.cache_layout(), *tokens.shape, self.lm_head.weight.dtype)
+        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        # transformers rounds sqrt(hidden_size) to the weights' dtype first (55.4256 becomes 55.5 in bfloat16).
+        x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
+        rope = {kind: rope_cos_sin(positions, inv_freq, x.dtype) for kind, inv_freq in self.inv_freq.items()}
+        for block, kind, layer_cache in zip(self.model.layers, self.config.layer_types, cache):
+            x = block(x, positions, rope[kind], layer_cache)
+        if not all_logits:
+            x = x[:, -1]  # only the last position picks the next token: no (T, vocab) product
+        logits = self.lm_head(self.model.norm(x))
+        if (cap := self.config.final_logit_softcapping) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def remap(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers Gemma 3 state dict -> this module's names.
+
+    Text-only checkpoints (`Gemma3ForCausalLM`) need only the tied head. Multimodal ones
+    (`Gemma3ForConditionalGeneration`) keep the text model under `model.language_model.`
+    (`language_model.model.` before transformers 5); their vision tower and projector are dropped.
+    """
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        for prefix in ("model.language_model.", "language_model.model."):
+            if name.startswith(prefix):
+                name = "model." + name[len(prefix) :]
+        name = name.removeprefix("language_model.")  # the old multimodal head: language_model.lm_head
+        if name.startswith(("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")):
+            continue
+        out[name] = tensor
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied head
+    return out

@@ -1,0 +1,14 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/parity.py
+
+from kvgen.testing import build_gpt2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiny(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random GPT-2 with a trained byte-level BPE tokenizer."""
+    return build_gpt2(tmp_path_factory.mktemp("gpt2-tiny"))

@@ -1,0 +1,79 @@
+"""The `kvgen` command: output documents, exit statuses, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvgen.cli import main
+
+
+def run(capsys, *args):
+    """Run the CLI in-process -> (exit status, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own exits
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_has_exactly_n_tokens(capsys, gpt2_tiny):
+    code, out, _ = run(capsys, "generate", "It was the best", "-m", gpt2_tiny, "-n", 17, "--ignore-eos", "--json")
+    doc = json.loads(out)
+    assert code == 0 and len(doc["token_ids"]) == 17 and doc["finish_reason"] == "length"
+    assert set(doc) == {"text", "token_ids", "prompt_ids", "finish_reason", "timings"}
+    assert doc["timings"]["decode_tok_s"] > 0
+
+
+def test_generate_streams_text_and_timings(capsys, gpt2_tiny):
+    code, out, err = run(capsys, "generate", "Call me", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--cache", "static")
+    code_json, doc, _ = run(capsys, "generate", "Call me", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--json")
+    assert code == code_json == 0
+    assert out == json.loads(doc)["text"] + "\n"
+    assert "decode 12 tok" in err and "[length]" in err
+
+
+def test_compare_reports_identical(capsys, gpt2_tiny):
+    code, out, _ = run(capsys, "compare", "It was the best", "-m", gpt2_tiny, "-n", 48, "--ignore-eos", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["identical"] and doc["first_difference"] is None
+    assert doc["hf"]["token_ids"] == doc["native"]["token_ids"] and len(doc["native"]["token_ids"]) == 48
+    code, out, _ = run(capsys, "compare", "It was the best", "-m", gpt2_tiny, "-n", 8)
+    assert code == 0 and "identical" in out and "way 1" in out and "way 2" in out
+
+
+BAD = {
+    "missing model": (["generate", "hi", "-m", "/no/such/model"], "model not found"),
+    "not a model folder": (["generate", "hi", "-m", "{tmp}"], "not a model folder"),
+    "unknown cache": (["generate", "hi", "-m", "{model}", "--cache", "paged"], "invalid choice: 'paged'"),
+    "unknown dtype": (["generate", "hi", "-m", "{model}", "--dtype", "int3"], "invalid choice: 'int3'"),
+    "unknown backend": (["generate", "hi", "-m", "{model}", "--backend", "onnx"], "invalid choice: 'onnx'"),
+    "empty prompt": (["generate", "", "-m", "{model}"], "prompt is empty"),
+    "zero tokens": (["generate", "hi", "-m", "{model}", "-n", "0"], "must be at least 1"),
+    "negative tokens": (["generate", "hi", "-m", "{model}", "-n", "-3"], "must be at least 1"),
+    "top-p zero": (["generate", "hi", "-m", "{model}", "--top-p", "0"], "top_p must be in (0, 1]"),
+    "top-p above one": (["compare", "hi", "-m", "{model}", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    "context overflow": (["generate", "hi", "-m", "{model}", "-n", "300"], "exceeds the model's context of 256"),
+    "not a number": (["generate", "hi", "-m", "{model}", "-n", "many"], "not a whole number"),
+    "no command": ([], "required"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2(capsys, gpt2_tiny, tmp_path, case):
+    args, message = BAD[case]
+    args = [a.format(tmp=tmp_path, model=gpt2_tiny) for a in args]
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_real_process_exit_status(gpt2_tiny):
+    """The installed entry point, as a user runs it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kvgen", "generate", "", "-m", str(gpt2_tiny)], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip() == "kvgen: error: prompt is empty"
