@@ -39,8 +39,9 @@ def load(
     device: str | torch.device = "cpu",
     backend: str = "native",
 ) -> LM:
-    """Load a model folder (config.json, safetensors or pytorch_model.bin, tokenizer files) or a hub
-    id already in the local Hugging Face cache.
+    """Load a model folder (config.json, safetensors or pytorch_model.bin, tokenizer files), a GGUF
+    file (converted once into $KVGEN_CACHE, then loaded from there) or a hub id already in the local
+    Hugging Face cache.
 
     `backend="native"` runs kvgen's own model and loop; `backend="hf"` runs transformers'
     `generate()` on the same weights, behind the same API.
@@ -48,8 +49,8 @@ def load(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     start = time.perf_counter()
-    folder = resolve_model(model)
     dtype = parse_dtype(dtype)
+    folder = resolve_model(model, dtype)
     from transformers import AutoTokenizer
 
     try:

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .cache import CACHE_KINDS
+from .cache import CACHE_KINDS, LayerCache
 from .generate import generate_tokens
 from .hf import generate_tokens_hf
 from .sampling import SamplingParams
@@ -143,15 +143,24 @@ class LM:
         return list(prompt)
 
     def _token_steps(
-        self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, cache: str, stop_at_eos: bool
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        cache: str,
+        stop_at_eos: bool,
+        kv_cache: list[LayerCache] | None,
+        cached_tokens: int,
     ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
+        if kv_cache is not None and self.backend != "native":
+            raise ValueError("continuing a KV cache needs the native backend")
         if self.backend == "hf":
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_ids or [0])[0]
             eos = self.eos_token_ids if stop_at_eos else []
             return generate_tokens_hf(self.model, prompts, max_new_tokens, params, eos, pad, cache)
-        return generate_tokens(self.model, prompts, max_new_tokens, params, cache)
+        return generate_tokens(self.model, prompts, max_new_tokens, params, cache, kv_cache, cached_tokens)
 
     def stream_batch(
         self,
@@ -161,9 +170,15 @@ class LM:
         stop: str | list[str] | None = None,
         stop_at_eos: bool = True,
         cache: str = "dynamic",
+        kv_cache: list[LayerCache] | None = None,
+        cached_tokens: int = 0,
         **sampling,
     ) -> Iterator[list[Response | None]]:
-        """Yield, per step, one `Response` per prompt (None once that prompt has finished)."""
+        """Yield, per step, one `Response` per prompt (None once that prompt has finished).
+
+        `kv_cache` continues a cache that already holds `cached_tokens` tokens before the prompts
+        (a chat session's earlier turns; native backend only).
+        """
         if not prompts:
             raise ValueError("no prompts given")
         params = SamplingParams(**sampling)
@@ -172,7 +187,7 @@ class LM:
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         start = time.perf_counter()
         first_token_at = start
-        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos)) as steps:
+        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos, kv_cache, cached_tokens)) as steps:
             for step, tokens in enumerate(steps):
                 now = time.perf_counter()
                 if step == 0:
@@ -223,6 +238,22 @@ class LM:
                 if response.finish_reason:
                     results[i] = Result("".join(texts[i]), tokens[i], prompt_ids[i], response.finish_reason, response.timings)
         return results
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, template: str | None = None, **kwargs) -> Result:
+        """Reply to a conversation, [{"role": "user", "content": ...}, ...], rendered with the
+        model's chat template (or `template`, a Jinja string). Keyword arguments are `generate`'s."""
+        from .chat import chat_template, render
+
+        template, stops = chat_template(self, template)
+        stop = kwargs.pop("stop", None)
+        stop = ([stop] if isinstance(stop, str) else list(stop or [])) + stops
+        return self.generate(render(self, messages, template), max_new_tokens, stop=stop, **kwargs)
+
+    def chat_session(self, system: str | None = None, cache: str = "dynamic", template: str | None = None):
+        """A `ChatSession` that keeps the KV cache between turns, so each turn prefills only its new tokens."""
+        from .chat import ChatSession
+
+        return ChatSession(self, system, cache, template)
 
     def generate(
         self,

@@ -11,7 +11,8 @@ a sliding-window layer only the last `window` of them, p - window < q
 A sliding-window layer's cache keeps only what a later query can still see. That relies on how the
 loop feeds every cache: each row's positions rise by one per slot, so the last `window - 1` slots
 hold everything the next token may attend to. The model cannot tell the kinds apart, and no cache
-knows the loop that drives it.
+knows the loop that drives it. `truncate` cuts caches back to a prefix of their stream, so that a
+chat can continue from what an earlier turn left.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class DynamicLayerCache:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.positions: Tensor | None = None
+        self.seen = 0  # tokens taken in, dropped ones included
 
     def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.seen += keys.shape[2]
         if self.keys is not None:
             keys = torch.cat([self.keys, keys], dim=2)
             values = torch.cat([self.values, values], dim=2)
@@ -60,6 +63,20 @@ class DynamicLayerCache:
             self.keys, self.values = keys[:, :, start:].clone(), values[:, :, start:].clone()
             self.positions = positions[:, start:].clone()
         return keys, values, positions
+
+    def truncate(self, keep: int) -> bool:
+        """Forget every token after the first `keep`; False, changing nothing, if a token the next
+        one would see has already been dropped."""
+        first = self.seen - self.length  # the stream index of the oldest token held
+        start = 0 if self.window is None else max(keep - (self.window - 1), 0)  # the oldest one needed
+        if keep > self.seen or start < min(first, keep):  # [start, keep) needed, [first, seen) held
+            return False
+        if self.keys is not None:
+            lo, hi = max(start - first, 0), max(keep - first, 0)
+            self.keys, self.values = self.keys[:, :, lo:hi], self.values[:, :, lo:hi]
+            self.positions = self.positions[:, lo:hi]
+        self.seen = keep
+        return True
 
     @property
     def length(self) -> int:
@@ -96,6 +113,14 @@ class StaticLayerCache:
         self.positions[:, start:end] = positions
         self.index = end
         return self.keys, self.values, self.positions
+
+    def truncate(self, keep: int) -> bool:
+        """Forget every token after the first `keep`: their slots go back to position -1."""
+        if keep > self.index:
+            return False
+        self.positions[:, keep:] = -1
+        self.index = keep
+        return True
 
     @property
     def length(self) -> int:
@@ -146,6 +171,18 @@ class RingLayerCache:
         self.positions.index_copy_(1, slots, positions)
         self.index = start + keys.shape[2]
 
+    def truncate(self, keep: int) -> bool:
+        """Forget every token after the first `keep`; False, changing nothing, if a token the next
+        one would see has already been overwritten."""
+        size = self.keys.shape[2]  # the window, unless the stream is shorter
+        start = max(keep - (size - 1), 0)  # the oldest token needed
+        if keep > self.index or start < min(self.index - size, keep):  # [start, keep) needed
+            return False
+        forgotten = torch.arange(max(keep, self.index - size), self.index, device=self.positions.device) % size
+        self.positions[:, forgotten] = -1
+        self.index = keep
+        return True
+
     @property
     def length(self) -> int:
         """Tokens stored."""
@@ -157,6 +194,15 @@ class RingLayerCache:
 
 
 LayerCache = DynamicLayerCache | StaticLayerCache | RingLayerCache
+
+
+def truncate(caches: list[LayerCache], keep: int) -> bool:
+    """Cut every layer's cache back to the first `keep` tokens of its stream, to continue from there.
+
+    False when a sliding-window layer has already dropped a token that the next one would see;
+    the caches may then be partly cut, and only a fresh cache will do.
+    """
+    return all([cache.truncate(keep) for cache in caches])
 
 
 def make_cache(

@@ -40,9 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
-    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=64, metavar="N")
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -54,9 +53,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=CACHE_KINDS, default="dynamic")
 
 
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    _add_sampling_args(p, 64)
+
+
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     """Validated generate() keyword arguments; raises ValueError before any model is loaded."""
-    if not args.prompt:
+    if getattr(args, "prompt", None) == "":
         raise ValueError("prompt is empty")
     sampling = dict(
         temperature=args.temperature,
@@ -138,6 +142,68 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive terminal chat; the KV cache is kept across turns."""
+    import kvgen
+
+    template = None
+    if args.chat_template:
+        with open(args.chat_template) as f:
+            template = f.read()
+    kwargs = _generation_kwargs(args)
+    kwargs.pop("cache")
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)
+    session = lm.chat_session(system=args.system, cache=args.cache, template=template)
+    if session.stops:
+        print("note: this model has no chat template; using a plain 'User:/Assistant:' transcript", file=sys.stderr)
+    print("kvgen chat: /reset starts over, /exit quits, Ctrl-C stops a reply", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        replies = session.send(line, args.max_new_tokens, **kwargs)
+        final = None
+        try:
+            for final in replies:
+                print(final.text, end="", flush=True)
+        except KeyboardInterrupt:
+            replies.close()
+            print(" [stopped]", end="")
+        print()
+        if final is not None and final.timings is not None:
+            t = final.timings
+            print(f"[prefilled {session.last_prefill_tokens} new tokens; {t.new_tokens} tokens at {t.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .loading import parse_dtype
+    from .loading.convert import convert_gguf
+
+    print(convert_gguf(args.src, parse_dtype(args.dtype)))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .loading import default_model, model_info, parse_dtype
+
+    info = model_info(args.model or default_model(), parse_dtype(args.dtype))
+    info["parameters"] = f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"
+    info["context_length"] = f"{info['context_length']:,} tokens" if info["context_length"] else "?"
+    for key, value in info.items():
+        print(f"{key.replace('_', ' '):<15} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvgen", description="Generate text with a causal language model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -154,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the KV cache across turns")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
+    _add_sampling_args(p, 256)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a GGUF file into a model folder in the kvgen cache; print its path")
+    p.add_argument("src", help="GGUF file")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("info", help="architecture, parameters, context length, dtype and folder of a model")
+    p.add_argument("model", nargs="?", default=None, help="model folder, GGUF file or hub id (default: the bundled Gemma 3 270M)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="which converted copy of a GGUF to describe")
+    p.set_defaults(run=cmd_info)
     return parser
 
 

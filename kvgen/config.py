@@ -49,6 +49,9 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
 
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' names for the two kinds of layer
+
+
 def _gemma3_rope(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """RoPE parameters per layer type, from either config format transformers has written.
 
@@ -57,13 +60,10 @@ def _gemma3_rope(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     `rope_local_base_freq` for sliding ones and `rope_scaling` (global layers only).
     """
     given = raw.get("rope_parameters") or {}
-    rope = {kind: dict(given.get(kind) or {"rope_type": "default"}) for kind in ("sliding_attention", "full_attention")}
-    scaling = dict(raw.get("rope_scaling") or {})
-    if "type" in scaling:  # the oldest spelling of rope_type
-        scaling.setdefault("rope_type", scaling.pop("type"))
-    rope["full_attention"].update(scaling)
-    rope["full_attention"].setdefault("rope_theta", raw.get("rope_theta", 1_000_000.0))
-    rope["sliding_attention"].setdefault("rope_theta", raw.get("rope_local_base_freq", 10_000.0))
+    rope = {kind: dict(given.get(kind) or {"rope_type": "default"}) for kind in (SLIDING, FULL)}
+    rope[FULL].update(raw.get("rope_scaling") or {})
+    rope[FULL].setdefault("rope_theta", raw.get("rope_theta") or 1_000_000.0)
+    rope[SLIDING].setdefault("rope_theta", raw.get("rope_local_base_freq") or 10_000.0)
     return rope
 
 
@@ -103,14 +103,16 @@ class Gemma3Config:
         if "layer_types" not in fields:  # older configs give a period: every Nth layer is global
             period = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
             layers = fields.get("num_hidden_layers", cls.num_hidden_layers)
-            fields["layer_types"] = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+            fields["layer_types"] = [SLIDING if (i + 1) % period else FULL for i in range(layers)]
         fields["layer_types"] = tuple(fields["layer_types"])
         fields["rope_parameters"] = _gemma3_rope(raw)
         config = cls(**fields)
         if len(config.layer_types) != config.num_hidden_layers:
-            raise ValueError(f"layer_types names {len(config.layer_types)} layers, but num_hidden_layers is {config.num_hidden_layers}")
-        if unknown := set(config.layer_types) - {"sliding_attention", "full_attention"}:
-            raise ValueError(f"unsupported layer_types {sorted(unknown)}; kvgen knows: sliding_attention, full_attention")
+            raise ValueError(
+                f"layer_types names {len(config.layer_types)} layers, but num_hidden_layers is {config.num_hidden_layers}"
+            )
+        if unknown := set(config.layer_types) - {SLIDING, FULL}:
+            raise ValueError(f"unsupported layer_types {sorted(unknown)}; kvgen knows: {SLIDING}, {FULL}")
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({config.num_attention_heads}) is not a multiple of "

@@ -60,17 +60,22 @@ def generate_tokens(
     max_new_tokens: int,
     params: SamplingParams = SamplingParams(),
     cache_kind: str = "dynamic",
+    cache: list[LayerCache] | None = None,
+    start: int = 0,
 ) -> Iterator[Tensor]:
     """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
 
     Rows that finish early keep decoding (their tokens are ignored upstream); closing the generator
-    stops the computation before the next step.
+    stops the computation before the next step. A `cache` that already holds `start` tokens per row
+    is continued (a chat's earlier turns): only `prompts` are prefilled, at positions from `start`.
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
-    check_fits(max(map(len, prompts)), max_new_tokens, model.config.context_length)
+    check_fits(start + max(map(len, prompts)), max_new_tokens, model.config.context_length)
     tokens, positions = (t.to(device) for t in left_pad(prompts))
-    cache = make_cache(cache_kind, model.cache_layout(), len(prompts), tokens.shape[1] + max_new_tokens, dtype, device)
+    positions = torch.where(positions >= 0, positions + start, positions)
+    if cache is None:
+        cache = make_cache(cache_kind, model.cache_layout(), len(prompts), tokens.shape[1] + max_new_tokens, dtype, device)
     generator = params.generator(device)
     # The repetition penalty looks at every token so far; pad slots repeat the row's last prompt token,
     # which the penalty already covers, so padding never changes a row's result.

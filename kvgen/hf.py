@@ -37,7 +37,7 @@ def generate_tokens_hf(
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
-    check_fits(max(map(len, prompts)), max_new_tokens, model.config.max_position_embeddings)
+    check_fits(max(map(len, prompts)), max_new_tokens, model.config.get_text_config().max_position_embeddings)
     tokens, positions = left_pad(prompts, pad_token_id)
     steps: queue.Queue = queue.Queue()
     cancelled = threading.Event()

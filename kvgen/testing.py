@@ -73,13 +73,13 @@ def build_gpt2(folder: str | Path, seed: int = 0, scale: float = 4.0, **config: 
     return folder
 
 
-def build_gemma3(folder: str | Path, seed: int = 0, scale: float = 4.0, **config: Any) -> Path:
+def build_gemma3(folder: str | Path, seed: int = 0, scale: float = 2.0, **config: Any) -> Path:
     """Save a random Gemma 3 text model (transformers' Gemma3ForCausalLM) with a trained tokenizer to `folder`.
 
-    Gemma's RMSNorm weights are offsets from 1 and start at 0; they are redrawn too, widely, so the
-    tests see every norm and attention is not near-uniform after the q/k norms. The post-attention
-    and post-MLP norms are lifted by 3 so that each block's output is not drowned by the embedding
-    (scaled by sqrt(hidden_size)), which otherwise makes the tied head repeat the last token.
+    Gemma's RMSNorm weights are offsets from 1 and start at 0, so they are redrawn too: the tests
+    then see every norm. The q/k norms get a wide spread, or attention stays near-uniform; the
+    post-attention and post-MLP norms are lifted by 3, or each block's output is drowned by the
+    embedding (scaled by sqrt(hidden_size)) and the tied head keeps repeating the last token.
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -90,16 +90,20 @@ def build_gemma3(folder: str | Path, seed: int = 0, scale: float = 4.0, **config
         num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=256, sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
     )
-    special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    cfg = Gemma3TextConfig(**{**defaults, **config}, **special)
+    eos = tokenizer.eos_token_id
+    cfg = Gemma3TextConfig(**{**defaults, **config}, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(cfg)
     scale_weights(model, scale, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(torch.randn(p.shape, generator=generator) * 2.0)
+            elif name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+            elif name.endswith(".bias"):  # attention_bias=True: start at zero otherwise
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
             if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
                 p += 3.0
     model.save_pretrained(folder)
@@ -118,7 +122,11 @@ def randomize_vectors(model: torch.nn.Module, seed: int, bias_spread: float = 0.
 
 
 def _build_decoder(folder: str | Path, config_class: type, model_class: type, seed: int, scale: float, config: dict) -> Path:
-    """A random Llama-layout decoder (transformers' classes) with a trained tokenizer, saved to `folder`."""
+    """A random Llama-layout decoder (transformers' classes) with a trained tokenizer, saved to `folder`.
+
+    Keep `scale` small (about 2) without q/k norms: attention logits grow as scale squared, and
+    past about 3 float32 rounding alone moves cached-decode logits by more than parity's 1e-4.
+    """
     folder = Path(folder)
     tokenizer = train_tokenizer(folder)
     defaults = dict(
@@ -134,22 +142,26 @@ def _build_decoder(folder: str | Path, config_class: type, model_class: type, se
     return folder
 
 
-def build_llama(folder: str | Path, seed: int = 0, scale: float = 8.0, **config: Any) -> Path:
+def build_llama(folder: str | Path, seed: int = 0, scale: float = 2.0, **config: Any) -> Path:
     """Save a random Llama (transformers' LlamaForCausalLM) with a trained tokenizer to `folder`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return _build_decoder(folder, LlamaConfig, LlamaForCausalLM, seed, scale, config)
 
 
-def build_qwen2(folder: str | Path, seed: int = 0, scale: float = 8.0, **config: Any) -> Path:
+def build_qwen2(folder: str | Path, seed: int = 0, scale: float = 2.0, **config: Any) -> Path:
     """Save a random Qwen2 (transformers' Qwen2ForCausalLM) with a trained tokenizer to `folder`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return _build_decoder(folder, Qwen2Config, Qwen2ForCausalLM, seed, scale, config)
 
 
-def build_qwen3(folder: str | Path, seed: int = 0, scale: float = 8.0, **config: Any) -> Path:
-    """Save a random Qwen3 (transformers' Qwen3ForCausalLM) with a trained tokenizer to `folder`."""
+def build_qwen3(folder: str | Path, seed: int = 0, scale: float = 4.0, **config: Any) -> Path:
+    """Save a random Qwen3 (transformers' Qwen3ForCausalLM) with a trained tokenizer to `folder`.
+
+    The default scale is twice Llama's: the q/k norms keep attention logits bounded, so larger
+    weights spread the output logits without making float32 results ill-conditioned.
+    """
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     return _build_decoder(folder, Qwen3Config, Qwen3ForCausalLM, seed, scale, config)

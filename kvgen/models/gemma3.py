@@ -101,8 +101,9 @@ class Gemma3(nn.Module):
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # A few numbers per layer type, made on the CPU even while the model is built on `meta`.
+        kinds = sorted(set(config.layer_types))
         with torch.device("cpu"):
-            self.inv_freq = {kind: rope_inv_freq(config.head_dim, config.rope_parameters[kind]) for kind in set(config.layer_types)}
+            self.inv_freq = {kind: rope_inv_freq(config.head_dim, config.rope_parameters[kind]) for kind in kinds}
 
     def cache_layout(self) -> list[LayerShape]:
         """What each layer's KV cache stores per token; sliding layers need only their window."""
@@ -149,7 +150,7 @@ def remap(state: dict[str, Tensor]) -> dict[str, Tensor]:
             if name.startswith(prefix):
                 name = "model." + name[len(prefix) :]
         name = name.removeprefix("language_model.")  # the old multimodal head: language_model.lm_head
-        if name.startswith(("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")):
+        if name.removeprefix("model.").startswith(("vision_tower.", "multi_modal_projector.")):
             continue
         out[name] = tensor
     if "lm_head.weight" not in out:

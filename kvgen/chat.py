@@ -1,0 +1,114 @@
+"""Chat: the model's own chat template, and sessions that keep the KV cache between turns.
+
+A session renders the whole conversation with the template each turn, finds how much of it the
+cache already holds (the longest common prefix of token ids), cuts the cache back to that, and
+prefills only the rest. Re-rendering rather than appending keeps the result identical to a fresh
+run over the whole conversation, even where the template or the tokenizer would spell the previous
+reply differently from the tokens that were generated.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .api import LM, Response
+from .cache import make_cache, truncate
+
+# For models whose tokenizer carries no chat template (base models, such as the default Gemma 3
+# 270M GGUF): a plain transcript that any language model can continue, and that stops when the
+# model starts writing the user's next line.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PLAIN_STOPS = ["\nUser:"]
+
+
+def chat_template(lm: LM, override: str | None = None) -> tuple[str, list[str]]:
+    """(template, extra stop strings): the given one, else the model's, else the plain transcript."""
+    if override:
+        return override, []
+    if getattr(lm.tokenizer, "chat_template", None):
+        return lm.tokenizer.chat_template, []
+    return PLAIN_TEMPLATE, PLAIN_STOPS
+
+
+def render(lm: LM, messages: list[dict], template: str) -> list[int]:
+    """Token ids of a conversation, ending with the prompt for the assistant's reply."""
+    if not messages:
+        raise ValueError("no messages given")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"a message needs 'role' and 'content': {m!r}")
+    encoded = lm.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    """A conversation whose KV cache lives from turn to turn (native backend).
+
+    `send` streams the reply to one user message; `last_prefill_tokens` says how many tokens that
+    turn had to prefill. `reset` forgets the conversation (keeping the system prompt).
+    """
+
+    def __init__(
+        self, lm: LM, system: str | None = None, cache: str = "dynamic", template: str | None = None, max_len: int = 4096
+    ) -> None:
+        self.lm = lm
+        self.system = system
+        self.cache_kind = cache
+        self.max_len = max_len  # slots of a static cache
+        self.template, self.stops = chat_template(lm, template)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.kv_cache = None
+        self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+        self.last_prefill_tokens = 0
+
+    def _reuse(self, ids: list[int]) -> int:
+        """Cut the cache back to what it shares with `ids`; returns how many tokens it still holds."""
+        if self.lm.backend != "native":
+            return 0  # transformers' generate() starts from scratch each turn
+        keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)  # prefill at least one token
+        if self.kv_cache is None or not truncate(self.kv_cache, keep):
+            layout = self.lm.model.cache_layout()
+            self.kv_cache = make_cache(self.cache_kind, layout, 1, self.max_len, self.lm.dtype, self.lm.device)
+            keep = 0
+        return keep
+
+    def send(self, user: str, max_new_tokens: int = 256, stop: list[str] | None = None, **sampling) -> Iterator[Response]:
+        """Stream the reply to `user`. Closing the stream early keeps the partial reply."""
+        if not user:
+            raise ValueError("message is empty")
+        ids = render(self.lm, self.messages + [{"role": "user", "content": user}], self.template)
+        keep = self._reuse(ids)
+        self.messages.append({"role": "user", "content": user})
+        self.last_prefill_tokens = len(ids) - keep
+        reply, generated = [], []
+        try:
+            for response in self.lm.stream_responses(
+                ids[keep:], max_new_tokens, stop=list(stop or []) + self.stops,
+                kv_cache=self.kv_cache, cached_tokens=keep, **sampling,
+            ):
+                reply.append(response.text)
+                generated.append(response.token_id)
+                yield response
+        finally:
+            # The cache took in every generated token but the last, which was never fed back. With
+            # no token at all, how far prefill got is unknown: start the next turn afresh.
+            self.cached_ids = ids + generated[:-1] if generated else []
+            if not generated:
+                self.kv_cache = None
+            self.messages.append({"role": "assistant", "content": "".join(reply)})

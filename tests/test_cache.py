@@ -1,0 +1,131 @@
+"""Caches against each other: a windowed cache must give attention exactly what an unbounded one
+gives under the same sliding-window mask, while holding only about `window` tokens."""
+
+import pytest
+import torch
+
+from kvgen.cache import (
+    CACHE_KINDS,
+    DynamicLayerCache,
+    LayerShape,
+    RingLayerCache,
+    StaticLayerCache,
+    make_cache,
+    truncate,
+)
+from kvgen.models.layers import attention, attention_mask
+
+B, H, D = 2, 2, 8
+PAD = 3  # row 1 is left-padded by this many slots, as a batched prompt would be
+
+
+def stream(steps: list[int], seed: int = 0, done: int = 0):
+    """(queries, keys, values, positions) per step, from slot `done` on; row 1 starts PAD slots late
+    (position -1 before)."""
+    generator = torch.Generator().manual_seed(seed)
+    for T in steps:
+        q, k, v = (torch.randn(B, H, T, D, generator=generator) for _ in range(3))
+        slots = torch.arange(done, done + T)
+        positions = torch.stack([slots, torch.where(slots >= PAD, slots - PAD, -1)])  # (B, T)
+        yield q, k, v, positions
+        done += T
+
+
+def attend(cache, q, k, v, positions, window):
+    keys, values, key_positions = cache.update(k, v, positions)
+    return attention(q, keys, values, attention_mask(positions, key_positions, window), scale=D**-0.5)
+
+
+STEPS = {
+    "long-prefill-then-decode": [11] + [1] * 12,  # the prompt alone overflows the window
+    "short-prefill-then-decode": [2] + [1] * 12,
+    "chunks": [3, 1, 5, 1, 1, 7, 2, 1],  # several tokens at a time mid-stream
+}
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("window", [1, 4, 9])
+@pytest.mark.parametrize("steps", STEPS)
+def test_windowed_cache_matches_unbounded(kind, window, steps):
+    total = sum(STEPS[steps])
+    shape = LayerShape(H, D, window)
+    (cache,) = make_cache(kind, [shape], B, total, torch.float32)
+    assert isinstance(cache, DynamicLayerCache if kind == "dynamic" else RingLayerCache)
+    reference = DynamicLayerCache()  # keeps everything; only the mask applies the window
+    slots = min(window, total)
+    if kind == "static":
+        buffer = cache.keys.data_ptr()
+    for q, k, v, positions in stream(STEPS[steps]):
+        got = attend(cache, q, k, v, positions, window)
+        expected = attend(reference, q, k, v, positions, window)
+        real = positions >= 0  # a padding query's output is never read
+        torch.testing.assert_close(got.transpose(1, 2)[real], expected.transpose(1, 2)[real], rtol=1e-5, atol=1e-6)
+        if kind == "dynamic":  # between steps, only what the next token can see
+            assert cache.length <= window - 1
+            assert cache.keys.untyped_storage().nbytes() <= B * H * (window - 1) * D * 4
+        else:  # a fixed ring, written in place
+            assert cache.keys.shape[2] == slots and cache.keys.data_ptr() == buffer
+    assert reference.length == total
+
+
+def test_make_cache_sizes_each_layer():
+    layers = [LayerShape(2, 8, window=4), LayerShape(2, 8), LayerShape(2, 8, window=64)]
+    ring, full, short = make_cache("static", layers, 3, 20, torch.float32)
+    assert isinstance(full, StaticLayerCache) and full.keys.shape == (3, 2, 20, 8)
+    assert isinstance(ring, RingLayerCache) and ring.keys.shape == (3, 2, 4, 8)
+    assert short.keys.shape == (3, 2, 20, 8)  # a window longer than the stream: never wraps
+    dynamic = make_cache("dynamic", layers, 3, 20, torch.float32)
+    assert [c.window for c in dynamic] == [4, None, 64]
+
+
+def test_unwindowed_dynamic_cache_keeps_everything():
+    cache = DynamicLayerCache()
+    for _, k, v, positions in stream([5, 1, 1]):
+        cache.update(k, v, positions)
+    assert cache.length == 7 and cache.positions[0].tolist() == list(range(7))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("window", [None, 1, 4, 9])
+@pytest.mark.parametrize("keep", [0, 3, 8, 10, 14, 15])
+def test_truncate_then_continue(kind, window, keep):
+    """A chat's next turn: cut back to the first `keep` tokens, go on as if the rest never came."""
+    steps, more = [10, 1, 1, 1, 1, 1], [4, 1, 1]
+    caches = make_cache(kind, [LayerShape(H, D, window)], B, sum(steps) + sum(more), torch.float32)
+    seen = [step[1:] for step in stream(steps)]
+    for k, v, positions in seen:
+        caches[0].update(k, v, positions)
+    held, length = caches[0].positions[0].tolist(), caches[0].length
+    start = 0 if window is None else max(keep - window + 1, 0)
+    needed = set(range(start, keep))  # what the next token may see
+    if not truncate(caches, keep):
+        assert not needed <= set(held), "truncate refused, yet every needed token was still held"
+        assert (caches[0].positions[0].tolist(), caches[0].length) == (held, length)  # nothing changed
+        return
+    reference = DynamicLayerCache()  # as if only the first `keep` tokens had ever come
+    reference.update(
+        torch.cat([k for k, _, _ in seen], dim=2)[:, :, :keep],
+        torch.cat([v for _, v, _ in seen], dim=2)[:, :, :keep],
+        torch.cat([p for _, _, p in seen], dim=1)[:, :keep],
+    )
+    for q, k, v, positions in stream(more, seed=1, done=keep):
+        got = attend(caches[0], q, k, v, positions, window)
+        expected = attend(reference, q, k, v, positions, window)
+        real = positions >= 0
+        torch.testing.assert_close(got.transpose(1, 2)[real], expected.transpose(1, 2)[real], rtol=1e-5, atol=1e-6)
+
+
+def test_truncate_refuses_only_what_a_window_dropped():
+    (dynamic,), (ring,) = (make_cache(kind, [LayerShape(H, D, window=4)], B, 40, torch.float32) for kind in CACHE_KINDS)
+    for _, k, v, positions in stream([20]):
+        dynamic.update(k, v, positions)
+        ring.update(k, v, positions)
+    assert not dynamic.truncate(19)  # needs tokens 16..18; holds 17..19
+    assert not ring.truncate(18)  # needs 15..17; holds 16..19
+    assert ring.truncate(19) and ring.positions[0].sort().values.tolist() == [-1, 16, 17, 18]
+    assert dynamic.truncate(20) and dynamic.truncate(0) and dynamic.length == 0
+    (static,) = make_cache("static", [LayerShape(H, D)], B, 40, torch.float32)
+    for _, k, v, positions in stream([20]):
+        static.update(k, v, positions)
+    assert not static.truncate(21)
+    assert static.truncate(5) and static.length == 5 and (static.positions[:, 5:] == -1).all()
