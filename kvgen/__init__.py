@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .api import BACKENDS, LM, Response, Result, Timings
-from .loading import load_native, parse_dtype, read_config, resolve_model
+from .loading import default_model, load_native, read_config, resolve_model
+from .loading.dtype import resolve_dtype
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -34,14 +35,17 @@ def _eos_token_ids(folder: Path, tokenizer) -> list[int]:
 
 
 def load(
-    model: str | Path,
-    dtype: str | torch.dtype = "float32",
+    model: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     backend: str = "native",
 ) -> LM:
     """Load a model folder (config.json, safetensors or pytorch_model.bin, tokenizer files), a GGUF
     file (converted once into $KVGEN_CACHE, then loaded from there) or a hub id already in the local
-    Hugging Face cache.
+    Hugging Face cache. Without `model`, the embedded default: Gemma 3 270M (base, Q4_K_M GGUF).
+
+    `dtype="auto"` takes whichever of float32 and bfloat16 decodes faster on this machine
+    (measured once per processor; bfloat16 on a GPU).
 
     `backend="native"` runs kvgen's own model and loop; `backend="hf"` runs transformers'
     `generate()` on the same weights, behind the same API.
@@ -49,8 +53,8 @@ def load(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     start = time.perf_counter()
-    dtype = parse_dtype(dtype)
-    folder = resolve_model(model, dtype)
+    dtype = resolve_dtype(dtype, device)
+    folder = resolve_model(default_model() if model is None else model, dtype)
     from transformers import AutoTokenizer
 
     try:

@@ -34,9 +34,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="model folder, or a hub id in the local Hugging Face cache")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+def _add_dtype_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default=default,
+        help=f"default {default}" + (": whichever of float32 and bfloat16 decodes faster on this machine" if default == "auto" else ""),
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
+    p.add_argument(
+        "-m", "--model", default=None,
+        help="model folder, GGUF file, or hub id in the local Hugging Face cache (default: the embedded Gemma 3 270M)",
+    )
+    _add_dtype_arg(p, dtype)
     p.add_argument("--device", default="cpu")
 
 
@@ -95,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pieces.append(response.text)
         print(response.text, end="", flush=True)
         final = response
-    print()
+    print(flush=True)
     ids = lm.encode(args.prompt)
     print(_timing_line(Result("".join(pieces), [], ids, final.finish_reason, final.timings)), file=sys.stderr)
     return 0
@@ -110,9 +120,10 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import kvgen
     from rich.console import Console
     from rich.table import Table
+
+    import kvgen
 
     kwargs = _generation_kwargs(args)
     console = Console(highlight=False)
@@ -186,17 +197,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .loading import parse_dtype
     from .loading.convert import convert_gguf
+    from .loading.dtype import resolve_dtype
 
-    print(convert_gguf(args.src, parse_dtype(args.dtype)))
+    print(convert_gguf(args.src, resolve_dtype(args.dtype)))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .loading import default_model, model_info, parse_dtype
+    from .loading import default_model, model_info
+    from .loading.dtype import resolve_dtype
 
-    info = model_info(args.model or default_model(), parse_dtype(args.dtype))
+    info = model_info(args.model or default_model(), resolve_dtype(args.dtype))
     info["parameters"] = f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"
     info["context_length"] = f"{info['context_length']:,} tokens" if info["context_length"] else "?"
     for key, value in info.items():
@@ -217,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run transformers' generate() and kvgen's loop on the same weights")
     _add_generation_args(p)
-    _add_model_args(p)
+    _add_model_args(p, dtype="float32")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(run=cmd_compare)
 
@@ -230,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a GGUF file into a model folder in the kvgen cache; print its path")
     p.add_argument("src", help="GGUF file")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    _add_dtype_arg(p)
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", help="architecture, parameters, context length, dtype and folder of a model")
     p.add_argument("model", nargs="?", default=None, help="model folder, GGUF file or hub id (default: the bundled Gemma 3 270M)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="which converted copy of a GGUF to describe")
+    _add_dtype_arg(p)
     p.set_defaults(run=cmd_info)
     return parser
 

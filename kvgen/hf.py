@@ -20,7 +20,9 @@ from .sampling import SamplingParams
 
 def load_hf(folder, dtype: torch.dtype, device: torch.device | str):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # kvgen prints its own timings
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 

@@ -17,3 +17,13 @@ torch.set_num_threads(1)
 def gpt2_tiny(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide random GPT-2 with a trained byte-level BPE tokenizer."""
     return build_gpt2(tmp_path_factory.mktemp("gpt2-tiny"))
+
+
+@pytest.fixture(scope="session")
+def gemma270m(tmp_path_factory) -> tuple[Path, Path]:
+    """(GGUF path, converted float32 folder): the embedded default model, converted once per session."""
+    from kvgen.loading import default_model
+    from kvgen.loading.convert import convert_gguf
+
+    path = default_model()
+    return path, convert_gguf(path, cache_dir=tmp_path_factory.mktemp("real-cache"), progress=False)

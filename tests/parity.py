@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 import kvgen
-from kvgen.generate import decode_one, prefill
 from kvgen.cache import make_cache
+from kvgen.generate import decode_one, prefill
 
 PROMPTS = [
     "It was the best of times, it was the worst of times",
@@ -54,7 +54,7 @@ def assert_meaningful(folder: str | Path, prompt_ids: list[list[int]], outputs: 
 
 def assert_logits_match(folder: str | Path, prompt_ids: list[int], tokens: list[int], cache_kind: str, atol: float = 1e-4) -> None:
     """Our last-position logits at prefill and every decode step vs transformers' full forward."""
-    lm = kvgen.load(folder)
+    lm = kvgen.load(folder, dtype="float32")
     model, ref = lm.model, hf_model(str(folder))
     ids = torch.tensor([prompt_ids + tokens])
     with torch.no_grad():
@@ -71,7 +71,7 @@ def assert_logits_match(folder: str | Path, prompt_ids: list[int], tokens: list[
 def check_parity(folder: str | Path, n: int = 48, prompts: list[str] = PROMPTS) -> None:
     """Greedy tokens equal to transformers' for `n` tokens (each cache kind, alone and batched),
     and logits within 1e-4 at every step."""
-    lm = kvgen.load(folder)
+    lm = kvgen.load(folder, dtype="float32")
     prompt_ids = [lm.encode(p) for p in prompts]
     expected = [hf_greedy(folder, ids, n) for ids in prompt_ids]
     assert_meaningful(folder, prompt_ids, expected)

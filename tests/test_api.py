@@ -6,20 +6,20 @@ import pytest
 import torch
 
 import kvgen
-from kvgen.text import IncrementalDecoder
 from kvgen.testing import build_gpt2
+from kvgen.text import IncrementalDecoder
 
 PROMPT = "It was the best of times"
 
 
 @pytest.fixture(scope="module")
 def lm(gpt2_tiny):
-    return kvgen.load(gpt2_tiny)
+    return kvgen.load(gpt2_tiny, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def lm_hf(gpt2_tiny):
-    return kvgen.load(gpt2_tiny, backend="hf")
+    return kvgen.load(gpt2_tiny, dtype="float32", backend="hf")
 
 
 def test_exactly_max_new_tokens(lm):
@@ -158,10 +158,10 @@ def test_bad_input(lm, tmp_path):
     with pytest.raises(FileNotFoundError, match="model not found"):
         kvgen.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="no config.json"):
-        kvgen.load(tmp_path)
+        kvgen.load(tmp_path, dtype="float32")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="cannot load its tokenizer|has no weights"):
-        kvgen.load(tmp_path)
+        kvgen.load(tmp_path, dtype="float32")
     with pytest.raises(ValueError, match="unknown backend"):
         kvgen.load(tmp_path, backend="onnx")
     with pytest.raises(ValueError, match="unknown dtype"):
@@ -173,4 +173,4 @@ def test_unsupported_model_type(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
-        kvgen.load(folder)
+        kvgen.load(folder, dtype="float32")

@@ -16,7 +16,7 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def lm(gpt2_tiny):
-    lm = kvgen.load(gpt2_tiny)
+    lm = kvgen.load(gpt2_tiny, dtype="float32")
     lm.tokenizer.chat_template = CHATML
     return lm
 
@@ -65,7 +65,7 @@ def test_chat_is_generate_over_the_template(lm):
 
 
 def test_plain_transcript_without_a_template(gpt2_tiny):
-    bare = kvgen.load(gpt2_tiny)
+    bare = kvgen.load(gpt2_tiny, dtype="float32")
     assert not bare.tokenizer.chat_template
     session = bare.chat_session()
     assert session.template == PLAIN_TEMPLATE and "\nUser:" in session.stops

@@ -11,6 +11,7 @@ from functools import cache
 
 import pytest
 import torch
+from parity import PROMPTS, check_parity, hf_greedy, hf_model
 
 import kvgen
 from kvgen.cache import make_cache
@@ -18,7 +19,6 @@ from kvgen.config import Gemma3Config
 from kvgen.generate import decode_one, prefill
 from kvgen.models.gemma3 import Gemma3
 from kvgen.testing import build_gemma3
-from parity import PROMPTS, check_parity, hf_greedy, hf_model
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 SHAPES = {
@@ -59,7 +59,7 @@ def test_shapes(built, shape):
 def test_window_off_by_one(built):
     """A query at p sees exactly p - window < q <= p: one slot more or less changes the logits."""
     folder = built("mqa-window-6")
-    lm = kvgen.load(folder)
+    lm = kvgen.load(folder, dtype="float32")
     ids = lm.encode(PROMPTS[2])
     ids = torch.tensor([ids + hf_greedy(folder, ids, 16)])  # (1, 47): far past the window of 6
     positions = torch.arange(ids.shape[1])[None]
@@ -76,7 +76,7 @@ def test_window_off_by_one(built):
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_sliding_caches_stay_bounded(built, kind):
     """Sliding layers hold about `window` tokens however long the stream; global layers hold all of it."""
-    lm = kvgen.load(built("five-local-per-global"))
+    lm = kvgen.load(built("five-local-per-global"), dtype="float32")
     model, window = lm.model, lm.model.config.sliding_window
     prompts = [lm.encode(p) for p in PROMPTS]
     tokens = torch.tensor([ids[:11] for ids in prompts])  # (3, 11): longer than the window
@@ -130,13 +130,13 @@ def test_multimodal_checkpoint(built, tmp_path):
         shutil.copy(text / name, tmp_path / name)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
 
-    lm = kvgen.load(tmp_path)
+    lm = kvgen.load(tmp_path, dtype="float32")
     ids = torch.tensor([lm.encode(PROMPTS[0])])
     with torch.no_grad():
         expected = multimodal(input_ids=ids).logits
         got = lm.model(ids, torch.arange(ids.shape[1])[None], all_logits=True)
     assert (got - expected).abs().max() < 1e-4
-    same = kvgen.load(text).generate(PROMPTS[0], 24, stop_at_eos=False)
+    same = kvgen.load(text, dtype="float32").generate(PROMPTS[0], 24, stop_at_eos=False)
     assert lm.generate(PROMPTS[0], 24, stop_at_eos=False).token_ids == same.token_ids
 
 
@@ -144,8 +144,8 @@ def test_multimodal_checkpoint(built, tmp_path):
 def test_hf_backend_agrees(built, cache_kind):
     """`backend="hf"` runs transformers' generate() on the same folder, with its own sliding caches."""
     folder = built("mqa-window-6")
-    native = kvgen.load(folder).generate(PROMPTS[0], 48, stop_at_eos=False, cache=cache_kind)
-    hf = kvgen.load(folder, backend="hf").generate(PROMPTS[0], 48, stop_at_eos=False, cache=cache_kind)
+    native = kvgen.load(folder, dtype="float32").generate(PROMPTS[0], 48, stop_at_eos=False, cache=cache_kind)
+    hf = kvgen.load(folder, dtype="float32", backend="hf").generate(PROMPTS[0], 48, stop_at_eos=False, cache=cache_kind)
     assert hf.token_ids == native.token_ids and len(set(native.token_ids)) > 8
 
 
@@ -155,7 +155,7 @@ def test_chat_session_with_sliding_caches(built, cache_kind):
     it starts afresh. Either way each turn equals a fresh run over the whole conversation."""
     from kvgen.chat import render
 
-    lm = kvgen.load(built("mqa-window-6"))
+    lm = kvgen.load(built("mqa-window-6"), dtype="float32")
     session = lm.chat_session(cache=cache_kind)
     for user in ("It was the best of times", "Call me Ishmael."):
         reply = [r.token_id for r in session.send(user, 12, stop_at_eos=False)]

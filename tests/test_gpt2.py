@@ -1,8 +1,8 @@
 """GPT-2 against transformers on random checkpoints of several shapes."""
 
 import pytest
-
 from parity import check_parity
+
 from kvgen.testing import build_gpt2
 
 SHAPES = {

@@ -6,9 +6,9 @@ each shape checks that every bias, norm and q/k norm it has is applied.
 
 import pytest
 import torch
+from parity import check_parity
 
 import kvgen
-from parity import check_parity
 from kvgen.testing import build_llama, build_qwen2, build_qwen3
 
 LLAMA3_ROPE = dict(
@@ -66,12 +66,12 @@ def test_tied_head_shares_the_embedding(tmp_path):
     folder = build_qwen2(tmp_path, tie_word_embeddings=True)
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         assert "lm_head.weight" not in f.keys()
-    model = kvgen.load(folder).model
+    model = kvgen.load(folder, dtype="float32").model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def test_all_logits_end_with_the_last_position(tmp_path):
-    model = kvgen.load(build_qwen3(tmp_path, head_dim=24)).model
+    model = kvgen.load(build_qwen3(tmp_path, head_dim=24), dtype="float32").model
     tokens = torch.randint(0, model.config.vocab_size, (2, 7))
     positions = torch.arange(7).expand(2, 7)
     with torch.no_grad():

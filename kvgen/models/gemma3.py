@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Gemma3Config
-from .layers import activation, apply_rope, attention, attention_mask, rope_cos_sin, rope_inv_freq
+from .layers import activation, apply_rope, attention, attention_mask, embedding, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -94,7 +94,7 @@ class Gemma3(nn.Module):
         self.config = config
         self.model = nn.ModuleDict(
             dict(
-                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                embed_tokens=embedding(config.vocab_size, config.hidden_size),
                 layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
                 norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
             )

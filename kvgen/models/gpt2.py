@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import GPT2Config
-from .layers import activation, attention, attention_mask
+from .layers import activation, attention, attention_mask, embedding
 
 
 class Attention(nn.Module):
@@ -66,8 +66,8 @@ class GPT2(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                wte=embedding(config.vocab_size, config.n_embd),
+                wpe=embedding(config.n_positions, config.n_embd),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )

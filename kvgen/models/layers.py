@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int | None = None) -> Tensor:
@@ -103,3 +103,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised: its weights always come from the checkpoint, and
+    nn.Embedding's random init would import torch._dynamo, a second of start-up."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))

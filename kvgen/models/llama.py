@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import LlamaConfig
-from .layers import activation, apply_rope, attention, attention_mask, rope_cos_sin, rope_inv_freq
+from .layers import activation, apply_rope, attention, attention_mask, embedding, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +99,7 @@ class Llama(nn.Module):
         self.config = config
         self.model = nn.ModuleDict(
             dict(
-                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                embed_tokens=embedding(config.vocab_size, config.hidden_size),
                 layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
                 norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
             )

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Qwen2Config, Qwen3Config
-from .layers import apply_rope, attention, attention_mask, rope_cos_sin
+from .layers import apply_rope, attention, attention_mask, embedding, rope_cos_sin
 from .llama import MLP, RMSNorm, build_inv_freq
 from .llama import remap as remap  # same checkpoint names as Llama: drop stale inv_freq, tie the head
 
@@ -69,7 +69,7 @@ class Qwen2(nn.Module):
         self.config = config
         self.model = nn.ModuleDict(
             dict(
-                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                embed_tokens=embedding(config.vocab_size, config.hidden_size),
                 layers=nn.ModuleList(Block(config, window) for window in config.layer_windows),
                 norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
             )

@@ -1,0 +1,77 @@
+"""Choosing the default dtype by measuring this machine, not by a constant.
+
+Batch-1 decoding is bound by how fast the weights stream through matrix-vector products. Which
+dtype streams faster per token differs between processors (bfloat16 halves the bytes, but some
+CPUs run its kernels at a fraction of float32's bandwidth), so kvgen times both once per
+processor and remembers the answer in the kvgen cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Large enough to stream from memory rather than cache (64 MB in float32), small enough to take ~0.1 s.
+ROWS, COLS = 4096, 4096
+
+
+def _seconds_per_matvec(dtype: torch.dtype, repeats: int = 5) -> float:
+    weight = torch.randn(ROWS, COLS).to(dtype)
+    x = torch.randn(1, COLS).to(dtype)
+    F.linear(x, weight)  # warm-up: kernel selection, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(4):
+            F.linear(x, weight)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return best
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = None) -> torch.dtype:
+    """bfloat16 on a GPU; on a CPU whichever of float32 and bfloat16 decodes faster, measured once."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    from .convert import cache_root
+
+    key = f"{_processor()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    record = cache_root(cache_dir) / "fastest-dtype.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        fp32, bf16 = _seconds_per_matvec(torch.float32), _seconds_per_matvec(torch.bfloat16)
+        known[key] = {"dtype": "bfloat16" if bf16 < fp32 else "float32", "float32_s": fp32, "bfloat16_s": bf16}
+        try:  # a cache we cannot write only means measuring again next time
+            record.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=record.parent, delete=False, suffix=".tmp") as f:
+                json.dump(known, f, indent=2)
+            os.replace(f.name, record)
+        except OSError:
+            pass
+    return getattr(torch, known[key]["dtype"])
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """"auto" -> `fastest_dtype(device)`; a name or torch dtype -> that dtype."""
+    from . import parse_dtype
+
+    return fastest_dtype(device) if dtype == "auto" else parse_dtype(dtype)

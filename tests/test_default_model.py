@@ -1,0 +1,63 @@
+"""The embedded default model, Gemma 3 270M: kvgen's greedy tokens equal transformers' own GGUF load.
+
+Slow (transformers takes ~40 s to load a GGUF), so it runs once per session with a few prompts.
+"""
+
+import pytest
+import torch
+
+import kvgen
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+]
+
+
+@pytest.fixture(scope="module")
+def expected(gemma270m, lm):
+    """transformers' own greedy tokens, from its own load of the GGUF, for each prompt."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = gemma270m
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokens = {}
+    for prompt in PROMPTS:
+        ids = lm.encode(prompt)
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=32, do_sample=False, eos_token_id=[], pad_token_id=0,
+        )
+        tokens[prompt] = out[0, len(ids) :].tolist()
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def lm(gemma270m, monkeypatch_module):
+    path, folder = gemma270m
+    monkeypatch_module.setenv("KVGEN_CACHE", str(folder.parent))
+    lm = kvgen.load(path, dtype="float32")
+    assert lm.path == folder  # through the conversion cache
+    return lm
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_first_32_greedy_tokens_equal_transformers(lm, expected, cache):
+    for prompt in PROMPTS:
+        assert len(set(expected[prompt])) > 8  # real text, not one repeated token
+        assert lm.generate(prompt, 32, stop_at_eos=False, cache=cache).token_ids == expected[prompt], prompt
+
+
+@pytest.mark.slow
+def test_no_model_means_the_embedded_gemma(lm):
+    default = kvgen.load(dtype="float32")  # KVGEN_CACHE points at the session's converted copy
+    assert default.path == lm.path and type(default.model).__name__ == "Gemma3"
+    assert default.encode("Hi")[0] == default.tokenizer.bos_token_id  # "<bos>" first, as Gemma expects
