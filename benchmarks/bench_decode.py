@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import kvgen
+from kvgen.cli import first_difference
 from kvgen.testing import build_gpt2
 
 GPT2_124M = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
@@ -44,9 +45,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_gpt2(Path(tmp), scale=3.0, **GPT2_124M)
         systems = {
-            "transformers generate()": (kvgen.load(folder, backend="hf"), "dynamic"),
-            "kvgen, dynamic cache": (kvgen.load(folder), "dynamic"),
-            "kvgen, static cache": (kvgen.load(folder), "static"),
+            "transformers generate()": (kvgen.load(folder, dtype="float32", backend="hf"), "dynamic"),
+            "kvgen, dynamic cache": (kvgen.load(folder, dtype="float32"), "dynamic"),
+            "kvgen, static cache": (kvgen.load(folder, dtype="float32"), "static"),
         }
         prompt_ids = systems["kvgen, dynamic cache"][0].encode(PROMPT)
         runs: dict[str, list] = {name: [] for name in systems}
@@ -73,12 +74,13 @@ def main() -> None:
         decode = statistics.median(r.timings.decode_tok_s for r in results)
         prefill = statistics.median(r.timings.prefill_tok_s for r in results)
         base = base or decode
-        same = all(t == reference for t in tokens[name])
+        diffs = [first_difference(reference, t) for t in tokens[name]]
+        same = all(d is None for d in diffs)
         report["systems"][name] = dict(
             decode_tok_s=decode, ms_per_token=1000 / decode, gb_s=bytes_per_token * decode / 1e9,
-            prefill_tok_s=prefill, speedup_vs_hf=decode / base, tokens_identical_to_hf=same,
+            prefill_tok_s=prefill, speedup_vs_hf=decode / base, tokens_identical_to_hf=same, first_differences=diffs,
         )
-        print(f"{name:<26} {decode:>12.1f} {1000 / decode:>9.2f} {bytes_per_token * decode / 1e9:>6.2f} {prefill:>14.0f} {decode / base:>5.2f}x  {same}")
+        print(f"{name:<26} {decode:>12.1f} {1000 / decode:>9.2f} {bytes_per_token * decode / 1e9:>6.2f} {prefill:>14.0f} {decode / base:>5.2f}x  {same if same else diffs}")
     print(json.dumps(report, indent=2))
 
 

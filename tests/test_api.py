@@ -174,3 +174,20 @@ def test_unsupported_model_type(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
         kvgen.load(folder, dtype="float32")
+
+
+def test_hub_id_from_the_local_cache_only(gpt2_tiny, tmp_path, monkeypatch):
+    """A hub id loads from the Hugging Face cache when it is there, and is never downloaded."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-gpt2" / "snapshots" / "0123abcd"
+    shutil.copytree(gpt2_tiny, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    lm = kvgen.load("someone/tiny-gpt2", dtype="float32")
+    assert lm.path == snapshot
+    assert lm.generate(PROMPT, 8).token_ids == kvgen.load(gpt2_tiny, dtype="float32").generate(PROMPT, 8).token_ids
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        kvgen.load("someone/not-downloaded", dtype="float32")

@@ -35,14 +35,25 @@ def _seconds_per_matvec(dtype: torch.dtype, repeats: int = 5) -> float:
     return best
 
 
+# The instruction-set features that decide which bfloat16 and float32 kernels a CPU gets.
+FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
 def _processor() -> str:
+    """The CPU's model name and the features that matter here: the name alone ("AMD EPYC") can
+    cover processors with and without AVX-512 bfloat16 instructions."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return " ".join([name, *(f for f in FEATURES if f in flags)])
 
 
 def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = None) -> torch.dtype:
