@@ -8,6 +8,7 @@ into text pieces per row with stop handling and timings; `stream` and `generate`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +44,7 @@ class Timings:
         return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return dict(
-            load_s=self.load_s,
-            prefill_s=self.prefill_s,
-            decode_s=self.decode_s,
-            prompt_tokens=self.prompt_tokens,
-            new_tokens=self.new_tokens,
-            prefill_tok_s=self.prefill_tok_s,
-            decode_tok_s=self.decode_tok_s,
-        )
+        return {**dataclasses.asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
 
 
 @dataclass
@@ -73,13 +66,7 @@ class Result:
     timings: Timings = field(default_factory=Timings)
 
     def as_dict(self) -> dict:
-        return dict(
-            text=self.text,
-            token_ids=self.token_ids,
-            prompt_ids=self.prompt_ids,
-            finish_reason=self.finish_reason,
-            timings=self.timings.as_dict(),
-        )
+        return {**dataclasses.asdict(self), "timings": self.timings.as_dict()}
 
 
 class _Row:

@@ -253,41 +253,8 @@ class Qwen2Config:
 
 
 @dataclass(frozen=True)
-class Qwen3Config:
-    """Every Qwen3 config field that changes the maths (transformers' names)."""
+class Qwen3Config(Qwen2Config):
+    """Qwen3 dense models: Qwen2's fields, plus q/k norms (always) and an explicit head_dim."""
 
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    intermediate_size: int = 22016
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None  # None: num_attention_heads (no grouping)
     head_dim: int = 128  # explicit in Qwen3: not hidden_size // num_attention_heads
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 32768
-    rms_norm_eps: float = 1e-6
     attention_bias: bool = False  # q, k, v and o projections
-    tie_word_embeddings: bool = False
-    rope_parameters: dict[str, Any] = dataclasses.field(default_factory=_default_rope, hash=False)
-    use_sliding_window: bool = False
-    sliding_window: int | None = 4096
-    max_window_layers: int = 28
-    layer_types: tuple[str, ...] | None = None  # "full_attention" | "sliding_attention" per layer
-
-    def __post_init__(self) -> None:
-        _fill_attention_defaults(self)
-        _check_layer_types(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Qwen3Config":
-        fields = _known_fields(cls, raw)
-        fields["rope_parameters"] = hf_rope_parameters(raw, fields.get("max_position_embeddings", cls.max_position_embeddings))
-        return cls(**fields)
-
-    @property
-    def context_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def layer_windows(self) -> list[int | None]:
-        return _qwen_layer_windows(self)

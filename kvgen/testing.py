@@ -69,6 +69,7 @@ def build_gpt2(folder: str | Path, seed: int = 0, scale: float = 4.0, **config: 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)
     scale_weights(model, scale, seed)
+    randomize_vectors(model, seed, bias_spread=0.1)  # ln_f's bias alone would pick the same token each step
     model.save_pretrained(folder)
     return folder
 

@@ -28,8 +28,9 @@ def test_generate_json_has_exactly_n_tokens(capsys, gpt2_tiny):
 
 
 def test_generate_streams_text_and_timings(capsys, gpt2_tiny):
-    code, out, err = run(capsys, "generate", "Call me", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--cache", "static")
-    code_json, doc, _ = run(capsys, "generate", "Call me", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--json")
+    args = ("generate", "Call me", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--dtype", "float32")
+    code, out, err = run(capsys, *args, "--cache", "static")
+    code_json, doc, _ = run(capsys, *args, "--json")
     assert code == code_json == 0
     assert out == json.loads(doc)["text"] + "\n"
     assert "decode 12 tok" in err and "[length]" in err
