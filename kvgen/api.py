@@ -12,13 +12,13 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .cache import CACHE_KINDS, LayerCache
-from .generate import generate_tokens
+from .generate import Step, generate_tokens
 from .hf import generate_tokens_hf
 from .sampling import SamplingParams
 from .text import IncrementalDecoder, StopMatcher
@@ -138,16 +138,17 @@ class LM:
         stop_at_eos: bool,
         kv_cache: list[LayerCache] | None,
         cached_tokens: int,
+        observe: Callable[[Step], None] | None,
     ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
-        if kv_cache is not None and self.backend != "native":
-            raise ValueError("continuing a KV cache needs the native backend")
+        if (kv_cache is not None or observe is not None) and self.backend != "native":
+            raise ValueError("continuing a KV cache or observing the steps needs the native backend")
         if self.backend == "hf":
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_ids or [0])[0]
             eos = self.eos_token_ids if stop_at_eos else []
             return generate_tokens_hf(self.model, prompts, max_new_tokens, params, eos, pad, cache)
-        return generate_tokens(self.model, prompts, max_new_tokens, params, cache, kv_cache, cached_tokens)
+        return generate_tokens(self.model, prompts, max_new_tokens, params, cache, kv_cache, cached_tokens, observe)
 
     def stream_batch(
         self,
@@ -159,12 +160,14 @@ class LM:
         cache: str = "dynamic",
         kv_cache: list[LayerCache] | None = None,
         cached_tokens: int = 0,
+        observe: Callable[[Step], None] | None = None,
         **sampling,
     ) -> Iterator[list[Response | None]]:
         """Yield, per step, one `Response` per prompt (None once that prompt has finished).
 
         `kv_cache` continues a cache that already holds `cached_tokens` tokens before the prompts
-        (a chat session's earlier turns; native backend only).
+        (a chat session's earlier turns); `observe` receives every `generate.Step` (tracing). Both
+        need the native backend.
         """
         if not prompts:
             raise ValueError("no prompts given")
@@ -174,7 +177,7 @@ class LM:
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         start = time.perf_counter()
         first_token_at = start
-        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos, kv_cache, cached_tokens)) as steps:
+        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos, kv_cache, cached_tokens, observe)) as steps:
             for step, tokens in enumerate(steps):
                 now = time.perf_counter()
                 if step == 0:

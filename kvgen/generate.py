@@ -8,7 +8,9 @@ the loop. Everything above it (text streaming, stop strings, batching results, t
 
 from __future__ import annotations
 
-from typing import Iterator
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +56,19 @@ def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> Non
         )
 
 
+@dataclass
+class Step:
+    """What one step of the loop fed, computed and chose: handed to an observer (tracing) only."""
+
+    index: int  # 0 is the prefill step
+    tokens: Tensor  # (B, T) fed this step: the prompt at prefill, one token per row after
+    positions: Tensor  # (B, T), -1 for padding
+    logits: Tensor  # (B, vocab): the last position's, as computed
+    token: Tensor  # (B,) chosen
+    cache: list[LayerCache]  # after this step's forward
+    seconds: float  # forward + sampling
+
+
 def generate_tokens(
     model: nn.Module,
     prompts: list[list[int]],
@@ -62,12 +77,14 @@ def generate_tokens(
     cache_kind: str = "dynamic",
     cache: list[LayerCache] | None = None,
     start: int = 0,
+    observe: Callable[[Step], None] | None = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
 
     Rows that finish early keep decoding (their tokens are ignored upstream); closing the generator
     stops the computation before the next step. A `cache` that already holds `start` tokens per row
     is continued (a chat's earlier turns): only `prompts` are prefilled, at positions from `start`.
+    `observe` is called with a `Step` after each step's sampling; without it the loop keeps no records.
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
@@ -81,10 +98,14 @@ def generate_tokens(
     # which the penalty already covers, so padding never changes a row's result.
     history = torch.where(positions >= 0, tokens, tokens[:, -1:]) if params.repetition_penalty != 1.0 else None
 
+    started = time.perf_counter()
     logits = prefill(model, tokens, positions, cache)
     position = positions[:, -1] + 1
     for step in range(max_new_tokens):
         token = sample(logits, params, generator, history)
+        if observe is not None:
+            observe(Step(step, tokens, positions, logits, token, cache, time.perf_counter() - started))
+            tokens, positions, started = token[:, None], position[:, None], time.perf_counter()
         yield token
         if step + 1 == max_new_tokens:
             return
