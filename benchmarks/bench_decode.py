@@ -62,14 +62,18 @@ def main() -> None:
 
     report = dict(
         benchmark="decode, GPT-2 124M shape, random weights, float32, batch 1, greedy",
-        machine=dict(processor=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__),
+        machine=dict(
+            processor=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__
+        ),
         prompt_tokens=len(prompt_ids),
         new_tokens=args.new_tokens,
         weight_mb_per_token=bytes_per_token / 1e6,
         systems={},
     )
     base = None
-    print(f"{'system':<26} {'decode tok/s':>12} {'ms/token':>9} {'GB/s':>6} {'prefill tok/s':>14} {'vs hf':>6}  identical")
+    print(
+        f"{'system':<26} {'decode tok/s':>12} {'ms/token':>9} {'GB/s':>6} {'prefill tok/s':>14} {'vs hf':>6}  identical"
+    )
     for name, results in runs.items():
         decode = statistics.median(r.timings.decode_tok_s for r in results)
         prefill = statistics.median(r.timings.prefill_tok_s for r in results)
@@ -77,10 +81,17 @@ def main() -> None:
         diffs = [first_difference(reference, t) for t in tokens[name]]
         same = all(d is None for d in diffs)
         report["systems"][name] = dict(
-            decode_tok_s=decode, ms_per_token=1000 / decode, gb_s=bytes_per_token * decode / 1e9,
-            prefill_tok_s=prefill, speedup_vs_hf=decode / base, tokens_identical_to_hf=same, first_differences=diffs,
+            decode_tok_s=decode,
+            ms_per_token=1000 / decode,
+            gb_s=bytes_per_token * decode / 1e9,
+            prefill_tok_s=prefill,
+            speedup_vs_hf=decode / base,
+            tokens_identical_to_hf=same,
+            first_differences=diffs,
         )
-        print(f"{name:<26} {decode:>12.1f} {1000 / decode:>9.2f} {bytes_per_token * decode / 1e9:>6.2f} {prefill:>14.0f} {decode / base:>5.2f}x  {same if same else diffs}")
+        print(
+            f"{name:<26} {decode:>12.1f} {1000 / decode:>9.2f} {bytes_per_token * decode / 1e9:>6.2f} {prefill:>14.0f} {decode / base:>5.2f}x  {same if same else diffs}"
+        )
     print(json.dumps(report, indent=2))
 
 

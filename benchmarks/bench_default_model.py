@@ -70,8 +70,13 @@ def hf_generate(model, ids: list[int], n: int) -> tuple[list[int], float, float]
 
     start = time.perf_counter()
     out = model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
-        do_sample=False, eos_token_id=[], pad_token_id=0, streamer=Clock(),  # eos_token_id=[]: through EOS
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=[],
+        pad_token_id=0,
+        streamer=Clock(),  # eos_token_id=[]: through EOS
     )
     return out[0, len(ids) :].tolist(), stamps[1] - start, stamps[-1] - stamps[1]
 
@@ -112,6 +117,7 @@ def child(spec: dict) -> dict:
 
         def run(ids, n):
             return hf_generate(model, ids, n)
+
     if spec["load_only"]:
         return {**out, **memory_gb()}
     out["rss_after_load_gb"] = memory_gb()["rss_gb"]
@@ -120,7 +126,11 @@ def child(spec: dict) -> dict:
     run(ids, 2)  # warm-up at the timed prompt length: kernel choice, first-touch pages
     runs = [run(ids, spec["new_tokens"]) for _ in range(spec["repeats"])]
     return dict(
-        out, **memory_gb(), ids=ids, tokenizer_agrees=own_ids == ids, tokens=runs[0][0],
+        out,
+        **memory_gb(),
+        ids=ids,
+        tokenizer_agrees=own_ids == ids,
+        tokens=runs[0][0],
         same_tokens_every_repeat=all(r[0] == runs[0][0] for r in runs),
         weight_bytes_per_token=weight_bytes_per_token(model),
         prefill_tok_s=statistics.median(len(ids) / r[1] for r in runs),
@@ -143,8 +153,11 @@ def machine(threads: int) -> dict:
     name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return dict(
-        processor=name, cores=os.cpu_count(), threads=threads,
-        torch=torch.__version__, transformers=transformers.__version__,
+        processor=name,
+        cores=os.cpu_count(),
+        threads=threads,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
         cpu_flags=[f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags],
     )
 
@@ -161,8 +174,13 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
 
-    base = dict(threads=args.threads, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                repeats=args.repeats, load_only=False)
+    base = dict(
+        threads=args.threads,
+        new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens,
+        repeats=args.repeats,
+        load_only=False,
+    )
     results: dict[str, dict] = {}
     ids = None
     for dtype in ("bfloat16", "float32"):
@@ -181,14 +199,20 @@ def main() -> None:
     reference = results[REFERENCE]["tokens"]
     report = dict(
         benchmark="embedded default model (Gemma 3 270M Q4_K_M GGUF), batch 1, greedy, through EOS, CPU",
-        machine=machine(args.threads), prompt_tokens=len(ids), new_tokens=args.new_tokens, repeats=args.repeats,
-        reference=REFERENCE, systems={},
+        machine=machine(args.threads),
+        prompt_tokens=len(ids),
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        reference=REFERENCE,
+        systems={},
     )
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Gemma 3 270M, {len(ids)}-token prompt, {args.new_tokens} new tokens, "
-                  f"{args.threads} threads, median of {args.repeats}")
+    table = Table(
+        title=f"Gemma 3 270M, {len(ids)}-token prompt, {args.new_tokens} new tokens, "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     columns = ("load s (cold / warm)", "peak RSS GB (cold / warm)", "prefill tok/s", "decode tok/s", "ms/token", "GB/s")
     for column in ("system", *columns, "= fp32 ref"):
         table.add_column(column, justify="left" if column == "system" else "right")
@@ -197,9 +221,11 @@ def main() -> None:
         r.pop("ids")
         differ = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
         r.update(
-            ms_per_token=1000 / r["decode_tok_s"], weight_mb_per_token=r["weight_bytes_per_token"] / 1e6,
+            ms_per_token=1000 / r["decode_tok_s"],
+            weight_mb_per_token=r["weight_bytes_per_token"] / 1e6,
             gb_s=r.pop("weight_bytes_per_token") * r["decode_tok_s"] / 1e9,
-            tokens_equal_reference=tokens == reference, first_difference=differ,
+            tokens_equal_reference=tokens == reference,
+            first_difference=differ,
         )
         report["systems"][name] = r
         cold = "load_cold_s" in r  # kvgen rows: cold process / warm process

@@ -1,8 +1,8 @@
 """kvgen: a small, readable LLM text-generation engine for PyTorch.
 
-    import kvgen
-    lm = kvgen.load("path/to/model")
-    print(lm.generate("Once upon a time", max_new_tokens=32).text)
+import kvgen
+lm = kvgen.load("path/to/model")
+print(lm.generate("Once upon a time", max_new_tokens=32).text)
 """
 
 from __future__ import annotations

@@ -64,9 +64,13 @@ class Result:
     prompt_ids: list[int]
     finish_reason: str
     timings: Timings = field(default_factory=Timings)
+    trace: list | None = None  # `kvgen.trace.StepRecord`s, one per step, with generate(..., trace=True)
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "timings": self.timings.as_dict()}
+        out = {**dataclasses.asdict(self), "timings": self.timings.as_dict()}
+        if self.trace is None:
+            del out["trace"]
+        return out
 
 
 class _Row:
@@ -145,7 +149,11 @@ class LM:
         if (kv_cache is not None or observe is not None) and self.backend != "native":
             raise ValueError("continuing a KV cache or observing the steps needs the native backend")
         if self.backend == "hf":
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_ids or [0])[0]
+            pad = (
+                self.tokenizer.pad_token_id
+                if self.tokenizer.pad_token_id is not None
+                else (self.eos_token_ids or [0])[0]
+            )
             eos = self.eos_token_ids if stop_at_eos else []
             return generate_tokens_hf(self.model, prompts, max_new_tokens, params, eos, pad, cache)
         return generate_tokens(self.model, prompts, max_new_tokens, params, cache, kv_cache, cached_tokens, observe)
@@ -177,7 +185,9 @@ class LM:
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         start = time.perf_counter()
         first_token_at = start
-        with contextlib.closing(self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos, kv_cache, cached_tokens, observe)) as steps:
+        with contextlib.closing(
+            self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos, kv_cache, cached_tokens, observe)
+        ) as steps:
             for step, tokens in enumerate(steps):
                 now = time.perf_counter()
                 if step == 0:
@@ -189,7 +199,9 @@ class LM:
                         continue
                     response = row.add(token, last_step=step + 1 == max_new_tokens)
                     if response.finish_reason:
-                        response.timings = Timings(self.load_seconds, first_token_at - start, now - first_token_at, len(ids), step + 1)
+                        response.timings = Timings(
+                            self.load_seconds, first_token_at - start, now - first_token_at, len(ids), step + 1
+                        )
                     out.append(response)
                 yield out
                 if all(row.finish_reason for row in rows):
@@ -226,7 +238,9 @@ class LM:
                 texts[i].append(response.text)
                 tokens[i].append(response.token_id)
                 if response.finish_reason:
-                    results[i] = Result("".join(texts[i]), tokens[i], prompt_ids[i], response.finish_reason, response.timings)
+                    results[i] = Result(
+                        "".join(texts[i]), tokens[i], prompt_ids[i], response.finish_reason, response.timings
+                    )
         return results
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, template: str | None = None, **kwargs) -> Result:
@@ -259,14 +273,25 @@ class LM:
         stop: str | list[str] | None = None,
         stop_at_eos: bool = True,
         cache: str = "dynamic",
+        trace: bool = False,
     ) -> Result:
         """Generate up to `max_new_tokens` tokens after `prompt`.
 
         Temperature 0 is greedy. Generation ends after exactly `max_new_tokens` tokens
         (finish_reason "length") unless an EOS token ("eos", when `stop_at_eos`) or one of the `stop`
         strings ("stop"; the stop string is not returned) ends it first. `cache` is "dynamic" or
-        "static". `token_ids` holds every generated token, EOS included.
+        "static". `token_ids` holds every generated token, EOS included. `trace=True` (native
+        backend) also records every step's shapes and caches in `Result.trace` (`kvgen.trace`).
         """
+        tracer = None
+        if trace:
+            if self.backend != "native":
+                raise ValueError(
+                    f"trace=True needs the native backend; this model was loaded with backend={self.backend!r}"
+                )
+            from .trace import Tracer
+
+            tracer = Tracer(self.tokenizer, layout=self.model.cache_layout())
         (result,) = self.generate_batch(
             [prompt],
             max_new_tokens,
@@ -279,5 +304,8 @@ class LM:
             stop=stop,
             stop_at_eos=stop_at_eos,
             cache=cache,
+            observe=tracer,
         )
+        if tracer is not None:
+            result.trace = tracer.records
         return result

@@ -62,7 +62,12 @@ class ChatSession:
     """
 
     def __init__(
-        self, lm: LM, system: str | None = None, cache: str = "dynamic", template: str | None = None, max_len: int = 4096
+        self,
+        lm: LM,
+        system: str | None = None,
+        cache: str = "dynamic",
+        template: str | None = None,
+        max_len: int = 4096,
     ) -> None:
         self.lm = lm
         self.system = system
@@ -88,7 +93,9 @@ class ChatSession:
             keep = 0
         return keep
 
-    def send(self, user: str, max_new_tokens: int = 256, stop: list[str] | None = None, **sampling) -> Iterator[Response]:
+    def send(
+        self, user: str, max_new_tokens: int = 256, stop: list[str] | None = None, **sampling
+    ) -> Iterator[Response]:
         """Stream the reply to `user`. Closing the stream early keeps the partial reply."""
         if not user:
             raise ValueError("message is empty")
@@ -99,8 +106,12 @@ class ChatSession:
         reply, generated = [], []
         try:
             for response in self.lm.stream_responses(
-                ids[keep:], max_new_tokens, stop=list(stop or []) + self.stops,
-                kv_cache=self.kv_cache, cached_tokens=keep, **sampling,
+                ids[keep:],
+                max_new_tokens,
+                stop=list(stop or []) + self.stops,
+                kv_cache=self.kv_cache,
+                cached_tokens=keep,
+                **sampling,
             ):
                 reply.append(response.text)
                 generated.append(response.token_id)

@@ -1,4 +1,4 @@
-"""`kvgen` on the command line: generate, compare.
+"""`kvgen` on the command line: generate, compare, trace, chat, convert, info.
 
 Bad input (a missing model, an unknown flag value, an empty prompt, a context overflow) prints one
 line on stderr and exits with status 2, never a traceback.
@@ -36,14 +36,19 @@ def _positive_int(text: str) -> int:
 
 def _add_dtype_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default=default,
-        help=f"default {default}" + (": whichever of float32 and bfloat16 decodes faster on this machine" if default == "auto" else ""),
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default=default,
+        help=f"default {default}"
+        + (": whichever of float32 and bfloat16 decodes faster on this machine" if default == "auto" else ""),
     )
 
 
 def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     p.add_argument(
-        "-m", "--model", default=None,
+        "-m",
+        "--model",
+        default=None,
         help="model folder, GGUF file, or hub id in the local Hugging Face cache (default: the embedded Gemma 3 270M)",
     )
     _add_dtype_arg(p, dtype)
@@ -125,6 +130,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     import kvgen
 
+    if args.caches is not None:
+        return cmd_compare_caches(args)
+    if args.plot is not None:
+        raise ValueError("--plot needs --caches: it draws each cache kind's memory and time")
     kwargs = _generation_kwargs(args)
     console = Console(highlight=False)
     results = {}
@@ -135,7 +144,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     way1, way2 = results["hf"], results["native"]
     diff = first_difference(way1.token_ids, way2.token_ids)
     if args.json:
-        print(json.dumps(dict(identical=diff is None, first_difference=diff, hf=way1.as_dict(), native=way2.as_dict()), indent=2))
+        print(
+            json.dumps(
+                dict(identical=diff is None, first_difference=diff, hf=way1.as_dict(), native=way2.as_dict()), indent=2
+            )
+        )
         return 0 if diff is None else 1
     table = Table(title=f"{args.prompt!r} + {args.max_new_tokens} tokens, {args.dtype}, {args.cache} cache")
     for column in ("", "way 1: transformers generate()", "way 2: kvgen prefill + decode"):
@@ -150,6 +163,127 @@ def cmd_compare(args: argparse.Namespace) -> int:
         console.print(f"[green]identical: all {len(way1.token_ids)} token ids match[/green]")
         return 0
     console.print(f"[red]different: first differing token at position {diff}[/red]")
+    return 1
+
+
+def _cache_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in CACHE_KINDS:
+            raise argparse.ArgumentTypeError(f"unknown cache kind {kind!r}; choose from: {', '.join(CACHE_KINDS)}")
+    if len(kinds) < 2 or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"name at least two different cache kinds, comma-separated, got {text!r}")
+    return kinds
+
+
+def _attention_spec(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(parts) > 2 or not numbers or min(numbers) < 0:
+        raise argparse.ArgumentTypeError(f"expected LAYER or LAYER,HEAD (whole numbers from 0), got {text!r}")
+    return numbers[0], numbers[1] if len(numbers) > 1 else 0
+
+
+def _check_output(path: str | None, suffix: str | None = None) -> None:
+    """Refuse an output path before any model is loaded: its folder must exist."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    if suffix and not path.lower().endswith(suffix):
+        raise ValueError(f"{path}: the plot is a PNG image; name the file *{suffix}")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: folder {str(folder)!r} does not exist")
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Generate while recording every step's shapes and caches; print them, and save JSON or plots."""
+    import kvgen
+
+    from .trace import Tracer, attention_figure, print_table, probing, save_figure, trace_figure, write_json
+
+    kwargs = _generation_kwargs(args)
+    if args.attention is not None and not args.plot:
+        raise ValueError("--attention draws a plot: give --plot FILE.png too")
+    _check_output(args.json)
+    _check_output(args.plot, ".png")
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)
+    if args.attention is not None and not args.attention[0] < (layers := len(lm.model.cache_layout())):
+        raise ValueError(f"layer {args.attention[0]} is out of range: the model has {layers} layers (0-{layers - 1})")
+    tracer = Tracer(lm.tokenizer, attention=args.attention, layout=lm.model.cache_layout())
+    with probing(tracer.probe):
+        (result,) = lm.generate_batch([args.prompt], args.max_new_tokens, observe=tracer, **kwargs)
+    model = args.model or "default (Gemma 3 270M)"
+    print_table(
+        tracer.records, title=f"{model}: {args.prompt!r} + {len(tracer.records)} tokens, {args.cache} cache, {lm.dtype}"
+    )
+    print(f"text: {result.text!r}")
+    if args.json:
+        write_json(args.json, tracer.records, str(model), args.cache)
+    if args.plot:
+        if args.attention is not None:
+            fig = attention_figure(tracer.records, *args.attention)
+        else:
+            fig = trace_figure(tracer.records, f"{args.cache} cache: {args.prompt!r}")
+        save_figure(fig, args.plot)
+    return 0
+
+
+def cmd_compare_caches(args: argparse.Namespace) -> int:
+    """Run the same prompt with each cache kind on kvgen's loop; tokens must be identical."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import kvgen
+
+    from .trace import Tracer, compare_figure, save_figure
+
+    kwargs = _generation_kwargs(args)
+    _check_output(args.plot, ".png")
+    console = Console(highlight=False)
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)
+    lm.generate(args.prompt, 2, **kwargs)  # warm-up: first calls pay one-time kernel set-up
+    results, traces = {}, {}
+    for kind in args.caches:
+        tracer = Tracer(lm.tokenizer, layout=lm.model.cache_layout())
+        (results[kind],) = lm.generate_batch(
+            [args.prompt], args.max_new_tokens, observe=tracer, **{**kwargs, "cache": kind}
+        )
+        traces[kind] = tracer.records
+    first = args.caches[0]
+    diffs = {kind: first_difference(results[first].token_ids, results[kind].token_ids) for kind in args.caches[1:]}
+    identical = all(d is None for d in diffs.values())
+    if args.plot:
+        save_figure(compare_figure(traces, f"{args.prompt!r} + {args.max_new_tokens} tokens"), args.plot)
+    if args.json:
+        doc = {
+            "identical": identical,
+            "first_difference": diffs,
+            "results": {kind: r.as_dict() for kind, r in results.items()},
+            "peak_cache_bytes": {kind: max(r.cache_bytes for r in t) for kind, t in traces.items()},
+        }
+        print(json.dumps(doc, indent=2))
+        return 0 if identical else 1
+    table = Table(title=f"{args.prompt!r} + {args.max_new_tokens} tokens, {args.dtype}, kvgen's loop")
+    table.add_column("")
+    for kind in args.caches:
+        table.add_column(f"{kind} cache", overflow="fold")
+    table.add_row("text", *(results[k].text for k in args.caches))
+    table.add_row("tokens", *(str(len(results[k].token_ids)) for k in args.caches))
+    table.add_row("peak cache bytes", *(f"{max(r.cache_bytes for r in traces[k]):,}" for k in args.caches))
+    for label, key in (("prefill tok/s", "prefill_tok_s"), ("decode tok/s", "decode_tok_s")):
+        table.add_row(label, *(f"{getattr(results[k].timings, key):.2f}" for k in args.caches))
+    console.print(table)
+    if identical:
+        console.print(f"[green]identical: all {len(results[first].token_ids)} token ids match[/green]")
+        return 0
+    for kind, d in diffs.items():
+        if d is not None:
+            console.print(f"[red]different: {kind} first differs from {first} at token {d}[/red]")
     return 1
 
 
@@ -193,7 +327,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
         if final is not None and final.timings is not None:
             t = final.timings
-            print(f"[prefilled {session.last_prefill_tokens} new tokens; {t.new_tokens} tokens at {t.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+            print(
+                f"[prefilled {session.last_prefill_tokens} new tokens; {t.new_tokens} tokens at {t.decode_tok_s:.1f} tok/s]",
+                file=sys.stderr,
+            )
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -231,7 +368,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     _add_model_args(p, dtype="float32")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument(
+        "--caches",
+        type=_cache_kinds,
+        default=None,
+        metavar="KIND,KIND",
+        help="instead of transformers vs kvgen, run kvgen's loop once per cache kind (e.g. dynamic,static)",
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="with --caches: plot each kind's cache bytes and step time"
+    )
     p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("trace", help="generate and show every step: tensor shapes, caches, probabilities, times")
+    p.add_argument("prompt")
+    _add_sampling_args(p, 8)
+    _add_model_args(p)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the records as one JSON document")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot cache length, cache bytes and step time")
+    p.add_argument(
+        "--attention",
+        type=_attention_spec,
+        default=None,
+        metavar="LAYER[,HEAD]",
+        help="with --plot: draw this layer's (and head's, default 0) attention weights over the steps instead",
+    )
+    p.set_defaults(run=cmd_trace)
 
     p = sub.add_parser("chat", help="interactive chat that keeps the KV cache across turns")
     _add_model_args(p)
@@ -246,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", help="architecture, parameters, context length, dtype and folder of a model")
-    p.add_argument("model", nargs="?", default=None, help="model folder, GGUF file or hub id (default: the bundled Gemma 3 270M)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="model folder, GGUF file or hub id (default: the bundled Gemma 3 270M)"
+    )
     _add_dtype_arg(p)
     p.set_defaults(run=cmd_info)
     return parser

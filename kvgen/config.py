@@ -182,7 +182,9 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "LlamaConfig":
         fields = _known_fields(cls, raw)
-        fields["rope_parameters"] = hf_rope_parameters(raw, fields.get("max_position_embeddings", cls.max_position_embeddings))
+        fields["rope_parameters"] = hf_rope_parameters(
+            raw, fields.get("max_position_embeddings", cls.max_position_embeddings)
+        )
         return cls(**fields)
 
     @property
@@ -196,7 +198,9 @@ def _check_layer_types(config: Any) -> None:
         return
     object.__setattr__(config, "layer_types", tuple(config.layer_types))
     if len(config.layer_types) != config.num_hidden_layers:
-        raise ValueError(f"layer_types names {len(config.layer_types)} layers, but num_hidden_layers is {config.num_hidden_layers}")
+        raise ValueError(
+            f"layer_types names {len(config.layer_types)} layers, but num_hidden_layers is {config.num_hidden_layers}"
+        )
     if unknown := set(config.layer_types) - {"sliding_attention", "full_attention"}:
         raise ValueError(f"unsupported layer_types {sorted(unknown)}; kvgen knows: sliding_attention, full_attention")
 
@@ -240,7 +244,9 @@ class Qwen2Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Qwen2Config":
         fields = _known_fields(cls, raw)
-        fields["rope_parameters"] = hf_rope_parameters(raw, fields.get("max_position_embeddings", cls.max_position_embeddings))
+        fields["rope_parameters"] = hf_rope_parameters(
+            raw, fields.get("max_position_embeddings", cls.max_position_embeddings)
+        )
         return cls(**fields)
 
     @property

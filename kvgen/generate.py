@@ -92,7 +92,9 @@ def generate_tokens(
     tokens, positions = (t.to(device) for t in left_pad(prompts))
     positions = torch.where(positions >= 0, positions + start, positions)
     if cache is None:
-        cache = make_cache(cache_kind, model.cache_layout(), len(prompts), tokens.shape[1] + max_new_tokens, dtype, device)
+        cache = make_cache(
+            cache_kind, model.cache_layout(), len(prompts), tokens.shape[1] + max_new_tokens, dtype, device
+        )
     generator = params.generator(device)
     # The repetition penalty looks at every token so far; pad slots repeat the row's last prompt token,
     # which the penalty already covers, so padding never changes a row's result.

@@ -62,7 +62,13 @@ def generate_tokens_hf(
 
     sampling = dict(do_sample=False)
     if not params.greedy:
-        sampling = dict(do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p or None)
+        sampling = dict(
+            do_sample=True,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p or None,
+        )
     kwargs = dict(
         input_ids=tokens.to(model.device),
         attention_mask=(positions >= 0).long().to(model.device),

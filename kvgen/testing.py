@@ -41,7 +41,10 @@ def train_tokenizer(folder: str | Path, vocab_size: int = 384) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator([TRAINING_TEXT] * 4, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
@@ -87,8 +90,16 @@ def build_gemma3(folder: str | Path, seed: int = 0, scale: float = 2.0, **config
     folder = Path(folder)
     tokenizer = train_tokenizer(folder)
     defaults = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=256, sliding_window=16,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=256,
+        sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
     )
     eos = tokenizer.eos_token_id
@@ -122,7 +133,9 @@ def randomize_vectors(model: torch.nn.Module, seed: int, bias_spread: float = 0.
                 p.copy_(noise * bias_spread if name.endswith(".bias") else 1 + noise * norm_spread)
 
 
-def _build_decoder(folder: str | Path, config_class: type, model_class: type, seed: int, scale: float, config: dict) -> Path:
+def _build_decoder(
+    folder: str | Path, config_class: type, model_class: type, seed: int, scale: float, config: dict
+) -> Path:
     """A random Llama-layout decoder (transformers' classes) with a trained tokenizer, saved to `folder`.
 
     Keep `scale` small (about 2) without q/k norms: attention logits grow as scale squared, and
@@ -131,10 +144,18 @@ def _build_decoder(folder: str | Path, config_class: type, model_class: type, se
     folder = Path(folder)
     tokenizer = train_tokenizer(folder)
     defaults = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
     )
-    cfg = config_class(**{**defaults, **config}, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = config_class(
+        **{**defaults, **config}, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     torch.manual_seed(seed)
     model = model_class(cfg)
     scale_weights(model, scale, seed)

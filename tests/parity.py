@@ -34,13 +34,19 @@ def hf_greedy(folder: str | Path, prompt_ids: list[int], n: int) -> list[int]:
     """transformers' own greedy `generate()`, run through EOS."""
     model = hf_model(str(folder))
     out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0,
+        torch.tensor([prompt_ids]),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=[],
+        pad_token_id=0,
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
     )
     return out[0, len(prompt_ids) :].tolist()
 
 
-def assert_meaningful(folder: str | Path, prompt_ids: list[list[int]], outputs: list[list[int]], min_gap: float = 1e-3) -> None:
+def assert_meaningful(
+    folder: str | Path, prompt_ids: list[list[int]], outputs: list[list[int]], min_gap: float = 1e-3
+) -> None:
     """A parity test proves little if the output is one repeated token or the top-2 logits nearly tie."""
     distinct = len({t for tokens in outputs for t in tokens})
     assert distinct >= 12, f"random model output barely varies ({distinct} distinct tokens): {outputs}"
@@ -52,7 +58,9 @@ def assert_meaningful(folder: str | Path, prompt_ids: list[list[int]], outputs: 
         assert gap > min_gap, f"top-2 logits {gap:.1e} apart: too close for a meaningful greedy comparison"
 
 
-def assert_logits_match(folder: str | Path, prompt_ids: list[int], tokens: list[int], cache_kind: str, atol: float = 1e-4) -> None:
+def assert_logits_match(
+    folder: str | Path, prompt_ids: list[int], tokens: list[int], cache_kind: str, atol: float = 1e-4
+) -> None:
     """Our last-position logits at prefill and every decode step vs transformers' full forward."""
     lm = kvgen.load(folder, dtype="float32")
     model, ref = lm.model, hf_model(str(folder))

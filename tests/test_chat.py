@@ -60,7 +60,9 @@ def test_reset_forgets_the_conversation(lm):
 
 def test_chat_is_generate_over_the_template(lm):
     messages = [{"role": "user", "content": "Call me Ishmael."}]
-    expected = lm.generate(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"], 9, stop_at_eos=False)
+    expected = lm.generate(
+        lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"], 9, stop_at_eos=False
+    )
     assert lm.chat(messages, 9, stop_at_eos=False).token_ids == expected.token_ids
 
 
@@ -84,12 +86,30 @@ def test_terminal_chat(lm, gpt2_tiny, tmp_path):
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML)
     done = subprocess.run(
-        [sys.executable, "-m", "kvgen", "chat", "-m", str(gpt2_tiny), "-n", "6", "--ignore-eos", "--chat-template", str(template)],
-        input="It was the best of times\nCall me\n/reset\nAlice\n/exit\n", capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "kvgen",
+            "chat",
+            "-m",
+            str(gpt2_tiny),
+            "-n",
+            "6",
+            "--ignore-eos",
+            "--chat-template",
+            str(template),
+        ],
+        input="It was the best of times\nCall me\n/reset\nAlice\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("prefilled") == 3 and "(conversation reset)" in done.stderr
     counts = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("[prefilled")]
-    alone = [len(render(lm, [{"role": "user", "content": text}], CHATML)) for text in ("It was the best of times", "Call me", "Alice")]
+    alone = [
+        len(render(lm, [{"role": "user", "content": text}], CHATML))
+        for text in ("It was the best of times", "Call me", "Alice")
+    ]
     assert counts[0] == alone[0] and counts[2] == alone[2]  # a fresh conversation prefills everything
     assert counts[1] < alone[0] + alone[1]  # the second turn did not prefill the first one again

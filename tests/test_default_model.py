@@ -26,8 +26,12 @@ def expected(gemma270m, lm):
     for prompt in PROMPTS:
         ids = lm.encode(prompt)
         out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=32, do_sample=False, eos_token_id=[], pad_token_id=0,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=[],
+            pad_token_id=0,
         )
         tokens[prompt] = out[0, len(ids) :].tolist()
     return tokens

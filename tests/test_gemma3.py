@@ -26,7 +26,10 @@ SHAPES = {
     "mqa-window-6": dict(num_key_value_heads=1, sliding_window=6),
     # Real Gemma 3's pattern, five local layers per global one, with linear RoPE scaling on the global one.
     "five-local-per-global": dict(
-        num_hidden_layers=6, layer_types=[SLIDING] * 5 + [FULL], sliding_window=8, num_key_value_heads=2,
+        num_hidden_layers=6,
+        layer_types=[SLIDING] * 5 + [FULL],
+        sliding_window=8,
+        num_key_value_heads=2,
         rope_parameters={
             SLIDING: dict(rope_type="default", rope_theta=10_000.0),
             FULL: dict(rope_type="linear", factor=8.0, rope_theta=1e6),
@@ -35,9 +38,18 @@ SHAPES = {
     # Global layer first, biases, a head_dim unrelated to hidden_size / heads, a window only the longest
     # prompt exceeds, final logits soft-capped; attention soft-capping is set, but Gemma 3 never applies it.
     "global-first-bias-softcap": dict(
-        seed=1, num_hidden_layers=3, layer_types=[FULL, SLIDING, SLIDING], attention_bias=True, hidden_size=48,
-        num_attention_heads=6, num_key_value_heads=3, head_dim=12, query_pre_attn_scalar=20, sliding_window=16,
-        final_logit_softcapping=15.0, attn_logit_softcapping=2.0,
+        seed=1,
+        num_hidden_layers=3,
+        layer_types=[FULL, SLIDING, SLIDING],
+        attention_bias=True,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=12,
+        query_pre_attn_scalar=20,
+        sliding_window=16,
+        final_logit_softcapping=15.0,
+        attn_logit_softcapping=2.0,
     ),
 }
 
@@ -101,8 +113,14 @@ def test_old_config_format():
     from transformers import Gemma3TextConfig
 
     old = dict(
-        model_type="gemma3_text", num_hidden_layers=8, sliding_window=512, sliding_window_pattern=4, rope_theta=1e6,
-        rope_local_base_freq=10_000.0, rope_scaling=dict(rope_type="linear", factor=8.0), attn_logit_softcapping=None,
+        model_type="gemma3_text",
+        num_hidden_layers=8,
+        sliding_window=512,
+        sliding_window_pattern=4,
+        rope_theta=1e6,
+        rope_local_base_freq=10_000.0,
+        rope_scaling=dict(rope_type="linear", factor=8.0),
+        attn_logit_softcapping=None,
     )
     ours, theirs = Gemma3Config.from_dict(old), Gemma3TextConfig(**old)
     assert list(ours.layer_types) == theirs.layer_types == ([SLIDING] * 3 + [FULL]) * 2

@@ -131,7 +131,11 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def write_gguf(
-    src: Path, dest: Path, qtype: Q = Q.F32, chat_template: str | None = None, sliding_theta: bool = False,
+    src: Path,
+    dest: Path,
+    qtype: Q = Q.F32,
+    chat_template: str | None = None,
+    sliding_theta: bool = False,
     types: dict[str, Q] | None = None,
 ) -> Path:
     """A transformers checkpoint folder -> a GGUF file as llama.cpp's converter writes one.
@@ -291,10 +295,29 @@ def sample_ids(folder: Path) -> list[int]:
 # --- correctness against the source checkpoint and transformers' GGUF loader ----------------------
 
 CONFIG_FIELDS = [
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_parameters", "sliding_window",
-    "layer_types", "query_pre_attn_scalar", "attention_bias", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-    "n_layer", "n_embd", "n_head", "n_positions", "layer_norm_epsilon",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope_parameters",
+    "sliding_window",
+    "layer_types",
+    "query_pre_attn_scalar",
+    "attention_bias",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_positions",
+    "layer_norm_epsilon",
 ]
 
 
@@ -317,7 +340,9 @@ def test_f32_gives_back_the_source_checkpoint(arch, sources, cache, tmp_path):
     ids = sample_ids(src)
     expected = hf_logits(hf_model(src), ids)
     assert (hf_logits(hf_model(folder), ids) - expected).abs().max() < 1e-4  # transformers loads the folder
-    assert (native_logits(kvgen.load(path, dtype="float32"), ids) - expected).abs().max() < 1e-4  # and so does kvgen, via the cache
+    assert (
+        native_logits(kvgen.load(path, dtype="float32"), ids) - expected
+    ).abs().max() < 1e-4  # and so does kvgen, via the cache
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "gpt2"])
@@ -342,12 +367,26 @@ def test_tokenizer_encodes_like_transformers_gguf_tokenizer(arch, sources, cache
 # 0.17%, 0.55%, 1.9%, 4.3%, 7.9% with the plain quantisers above). Logits then sit within a few times
 # that of the source model's: two layers compound it. A wrong row order or norm offset is ~100%.
 BOUNDS = {  # format: (weights, logits)
-    "F16": (0.001, 0.01), "BF16": (0.004, 0.03), "Q8_0": (0.01, 0.08), "Q6_K": (0.03, 0.25),
-    "Q5_0": (0.06, 0.5), "Q4_K": (0.1, 0.7),
+    "F16": (0.001, 0.01),
+    "BF16": (0.004, 0.03),
+    "Q8_0": (0.01, 0.08),
+    "Q6_K": (0.03, 0.25),
+    "Q5_0": (0.06, 0.5),
+    "Q4_K": (0.1, 0.7),
 }
 QUANT_CASES = [
-    ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"), ("llama", "Q5_0"), ("llama", "Q4_K"), ("llama", "Q6_K"),
-    ("qwen2", "Q8_0"), ("qwen3", "Q6_K"), ("gemma3", "Q4_K"), ("gemma3", "Q8_0"), ("gpt2", "Q6_K"), ("gpt2", "Q8_0"),
+    ("llama", "F16"),
+    ("llama", "BF16"),
+    ("llama", "Q8_0"),
+    ("llama", "Q5_0"),
+    ("llama", "Q4_K"),
+    ("llama", "Q6_K"),
+    ("qwen2", "Q8_0"),
+    ("qwen3", "Q6_K"),
+    ("gemma3", "Q4_K"),
+    ("gemma3", "Q8_0"),
+    ("gpt2", "Q6_K"),
+    ("gpt2", "Q8_0"),
 ]
 
 
@@ -386,8 +425,14 @@ def test_quantized_matches_transformers_gguf_loader(arch, qtype, sources, cache,
 
 def test_llama3_rope_scaling_comes_back_from_rope_freqs(sources, cache, tmp_path):
     """llama.cpp stores Llama 3.1's RoPE scaling as per-frequency factors; the config is rebuilt from them."""
-    rope = dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0,
-                original_max_position_embeddings=256)
+    rope = dict(
+        rope_type="llama3",
+        rope_theta=10000.0,
+        factor=4.0,
+        low_freq_factor=1.0,
+        high_freq_factor=8.0,
+        original_max_position_embeddings=256,
+    )
     src = build_llama(tmp_path / "src", rope_parameters=rope)
     path = write_gguf(src, tmp_path / "llama3.gguf")
     folder = convert_gguf(path, progress=False)
@@ -400,8 +445,10 @@ def test_llama3_rope_scaling_comes_back_from_rope_freqs(sources, cache, tmp_path
 
 
 def test_gemma3_sliding_rope_base_and_linear_scaling(cache, tmp_path):
-    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+    }
     src = build_gemma3(tmp_path / "src", query_pre_attn_scalar=16, rope_parameters=rope)
     path = write_gguf(src, tmp_path / "g.gguf", sliding_theta=True)
     folder = convert_gguf(path, progress=False)
@@ -615,7 +662,13 @@ def bad_file(kind: str, tmp_path: Path, src: Path) -> tuple[Path, type, str]:
 
 
 BAD = [
-    "missing", "wrong magic", "empty", "truncated data", "truncated header", "corrupt header", "architecture",
+    "missing",
+    "wrong magic",
+    "empty",
+    "truncated data",
+    "truncated header",
+    "corrupt header",
+    "architecture",
     "tensor type",
 ]
 
@@ -755,8 +808,12 @@ def test_real_weights_match_an_independent_dequantiser(gemma270m):
         "blk.5.post_ffw_norm.weight": "model.layers.5.post_feedforward_layernorm.weight",
     }
     leaves = {
-        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
     }
     found = {tensors[name].tensor_type.name for name in cases}

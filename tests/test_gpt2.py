@@ -7,9 +7,13 @@ from kvgen.testing import build_gpt2
 
 SHAPES = {
     "deep-narrow": dict(n_layer=6, n_embd=32, n_head=2),
-    "inverse-layer-idx-n-inner": dict(seed=1, n_layer=3, n_embd=64, n_head=4, scale_attn_by_inverse_layer_idx=True, n_inner=96),
+    "inverse-layer-idx-n-inner": dict(
+        seed=1, n_layer=3, n_embd=64, n_head=4, scale_attn_by_inverse_layer_idx=True, n_inner=96
+    ),
     "gelu-exact": dict(n_layer=2, n_embd=48, n_head=3, activation_function="gelu"),
-    "upcast-relu-unscaled": dict(seed=1, scale=2.0, reorder_and_upcast_attn=True, activation_function="relu", scale_attn_weights=False),
+    "upcast-relu-unscaled": dict(
+        seed=1, scale=2.0, reorder_and_upcast_attn=True, activation_function="relu", scale_attn_weights=False
+    ),
 }
 
 

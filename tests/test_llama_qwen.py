@@ -12,7 +12,11 @@ import kvgen
 from kvgen.testing import build_llama, build_qwen2, build_qwen3
 
 LLAMA3_ROPE = dict(
-    rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
     original_max_position_embeddings=32,  # small, so the tiny head's wavelengths fall in all three bands
 )
 
@@ -23,11 +27,24 @@ SHAPES = {
     "llama-gqa-untied": (build_llama, dict(seed=2, num_attention_heads=4, num_key_value_heads=2)),
     "llama-tied-linear-rope": (
         build_llama,
-        dict(seed=3, num_key_value_heads=4, tie_word_embeddings=True, rope_parameters=dict(rope_type="linear", factor=4.0, rope_theta=10000.0)),
+        dict(
+            seed=3,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="linear", factor=4.0, rope_theta=10000.0),
+        ),
     ),
     "llama-llama3-rope-bias-mqa": (
         build_llama,
-        dict(seed=0, num_hidden_layers=3, num_key_value_heads=1, head_dim=32, attention_bias=True, mlp_bias=True, rope_parameters=LLAMA3_ROPE),
+        dict(
+            seed=0,
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            head_dim=32,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters=LLAMA3_ROPE,
+        ),
     ),
     "qwen2-gqa-tied": (build_qwen2, dict(seed=3, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-sliding-window": (  # layers 1 and 2 see the last 12 tokens only
@@ -35,7 +52,10 @@ SHAPES = {
         dict(seed=2, num_hidden_layers=3, use_sliding_window=True, sliding_window=12, max_window_layers=1),
     ),
     "qwen3-gqa-head-dim-untied": (build_qwen3, dict(seed=3, num_key_value_heads=2, head_dim=24)),
-    "qwen3-attention-bias-tied": (build_qwen3, dict(seed=2, num_key_value_heads=1, head_dim=8, attention_bias=True, tie_word_embeddings=True)),
+    "qwen3-attention-bias-tied": (
+        build_qwen3,
+        dict(seed=2, num_key_value_heads=1, head_dim=8, attention_bias=True, tie_word_embeddings=True),
+    ),
 }
 
 
@@ -49,11 +69,22 @@ def test_config_reads_old_rope_keys():
     """config.json from transformers 4 (top-level rope_theta, rope_scaling with "type") loads alike."""
     from kvgen.config import LlamaConfig
 
-    old = dict(model_type="llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_theta=5e5,
-               rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    old = dict(
+        model_type="llama",
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_theta=5e5,
+        rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    )
     config = LlamaConfig.from_dict(old)
     assert config.rope_parameters == dict(
-        rope_type="llama3", type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        rope_type="llama3",
+        type="llama3",
+        rope_theta=5e5,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
         original_max_position_embeddings=64,
     )
     assert (config.num_key_value_heads, config.head_dim) == (4, 16)

@@ -41,7 +41,11 @@ def test_top_p_keeps_smallest_set_reaching_p():
 def test_greedy_is_argmax_and_limits_equal_greedy(logits):
     greedy = sample(logits, SamplingParams())
     assert torch.equal(greedy, logits.argmax(-1))
-    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=5.0, top_p=1e-9), SamplingParams(temperature=2.0, min_p=1.0)):
+    for params in (
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=5.0, top_p=1e-9),
+        SamplingParams(temperature=2.0, min_p=1.0),
+    ):
         assert torch.equal(sample(logits, params, params.generator()), greedy)
 
 
@@ -66,7 +70,14 @@ def test_samples_follow_the_distribution():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2.0), dict(repetition_penalty=0)],
+    [
+        dict(temperature=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=2.0),
+        dict(repetition_penalty=0),
+    ],
 )
 def test_bad_parameters(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):

@@ -96,7 +96,9 @@ def load_native(folder: Path, dtype: torch.dtype, device: torch.device | str) ->
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+        raise ValueError(
+            f"{folder}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
 

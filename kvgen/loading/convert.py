@@ -171,7 +171,8 @@ def write_folder(
     hf_config.save_pretrained(folder)
     eos = generation_eos_ids(g)
     GenerationConfig(
-        bos_token_id=config["bos_token_id"], eos_token_id=eos[0] if len(eos) == 1 else eos or None,
+        bos_token_id=config["bos_token_id"],
+        eos_token_id=eos[0] if len(eos) == 1 else eos or None,
         pad_token_id=config["pad_token_id"],
     ).save_pretrained(folder)
     bar.phase("building the tokenizer")
@@ -192,8 +193,12 @@ class Progress:
 
             console = Console(stderr=True, highlight=False)
             self.bar = rp.Progress(
-                rp.SpinnerColumn(finished_text="[green]done[/green]"), rp.TextColumn("{task.description}"),
-                rp.BarColumn(), rp.TextColumn("{task.fields[size]}"), rp.TimeElapsedColumn(), console=console,
+                rp.SpinnerColumn(finished_text="[green]done[/green]"),
+                rp.TextColumn("{task.description}"),
+                rp.BarColumn(),
+                rp.TextColumn("{task.fields[size]}"),
+                rp.TimeElapsedColumn(),
+                console=console,
                 transient=True,  # gone when done: a summary line on success, only the error on failure
                 disable=not console.is_terminal,  # logs get the summary line alone
             )
@@ -279,4 +284,3 @@ def conversion_record(folder: Path) -> dict | None:
         return json.loads((folder / RECORD).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-

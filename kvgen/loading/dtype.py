@@ -82,7 +82,7 @@ def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = N
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """"auto" -> `fastest_dtype(device)`; a name or torch dtype -> that dtype."""
+    """ "auto" -> `fastest_dtype(device)`; a name or torch dtype -> that dtype."""
     from . import parse_dtype
 
     return fastest_dtype(device) if dtype == "auto" else parse_dtype(dtype)

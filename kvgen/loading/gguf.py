@@ -38,9 +38,7 @@ ARCHITECTURES = {
 }
 
 # Tensor storage types `gguf.quants.dequantize` unpacks (checked against an independent reference in the tests).
-SUPPORTED_TYPES = frozenset(
-    "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
-)
+SUPPORTED_TYPES = frozenset("F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split())
 
 # llama.cpp's per-layer tensor names -> transformers' (under `model.layers.N.`)
 DECODER_LAYER = {
@@ -320,8 +318,13 @@ def _llama3_rope(g: GGUFFile, theta: float, head_dim: int) -> dict[str, Any]:
         high = low + original / a
     else:  # too few in-between frequencies to pin the blend: Llama 3.1's own values, if they fit
         low, high = 1.0, 4.0
-    rope = dict(rope_type="llama3", factor=factor, low_freq_factor=float(low), high_freq_factor=float(high),
-                original_max_position_embeddings=int(original))
+    rope = dict(
+        rope_type="llama3",
+        factor=factor,
+        low_freq_factor=float(low),
+        high_freq_factor=float(high),
+        original_max_position_embeddings=int(original),
+    )
     smooth = np.clip((original / wavelen - low) / (high - low), 0, 1)
     expected = 1 / ((1 - smooth) / factor + smooth)
     if not np.allclose(expected, factors, rtol=1e-3):
@@ -441,8 +444,14 @@ def save_tokenizer(g: GGUFFile, folder: Path) -> None:
         settings.pop(key, None)
     settings["tokenizer_class"] = "TokenizersBackend"
     settings["added_tokens_decoder"] = {
-        str(i): dict(content=t.content, lstrip=t.lstrip, normalized=t.normalized, rstrip=t.rstrip,
-                     single_word=t.single_word, special=t.special)
+        str(i): dict(
+            content=t.content,
+            lstrip=t.lstrip,
+            normalized=t.normalized,
+            rstrip=t.rstrip,
+            single_word=t.single_word,
+            special=t.special,
+        )
         for i, t in sorted(tokenizer.backend_tokenizer.get_added_tokens_decoder().items())
     }
     settings.update(tokenizer_settings(g))

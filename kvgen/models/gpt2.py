@@ -6,7 +6,6 @@ one `remap` that undoes Conv1D's (in, out) weight layout.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache

@@ -25,12 +25,29 @@ def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int |
     return visible | (q < 0)
 
 
+# SDPA never returns its attention weights. Tracing sets this to a callable that is handed every
+# attention call's (q, k, mask, scale), in layer order, and computes the weights it wants with
+# `attention_weights`; None (the default) costs one check per call.
+attention_probe: Callable[[Tensor, Tensor, Tensor, float], None] | None = None
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """softmax(q·kᵀ·scale) over the visible slots, (B, H, T, S) in float32: what SDPA computes inside."""
+    q, k = q.float(), k.float()
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves several query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcast: bool = False) -> Tensor:
     """Scaled dot-product attention over (B, H, T, D) queries and (B, Hkv, S, D) keys/values.
 
     `upcast` computes the scores in float32 (GPT-2's `reorder_and_upcast_attn`), which matters
     only for half-precision weights.
     """
+    if attention_probe is not None:
+        attention_probe(q, k, mask, scale)
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
