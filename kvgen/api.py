@@ -21,6 +21,7 @@ from .cache import CACHE_KINDS, LayerCache
 from .generate import Step, generate_tokens
 from .hf import generate_tokens_hf
 from .sampling import SamplingParams
+from .speculative import SpeculativeStats, check_speculative, generate_tokens_prompt_lookup
 from .text import IncrementalDecoder, StopMatcher
 
 BACKENDS = ("native", "hf")
@@ -33,6 +34,7 @@ class Timings:
     decode_s: float = 0.0  # first token to last token
     prompt_tokens: int = 0
     new_tokens: int = 0
+    speculative: SpeculativeStats | None = None  # drafted / accepted / verify_steps, with speculative=...
 
     @property
     def prefill_tok_s(self) -> float:
@@ -44,7 +46,12 @@ class Timings:
         return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {**dataclasses.asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+        out = {**dataclasses.asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+        if self.speculative is None:
+            del out["speculative"]
+        else:
+            out["speculative"] = self.speculative.as_dict()
+        return out
 
 
 @dataclass
@@ -143,11 +150,26 @@ class LM:
         kv_cache: list[LayerCache] | None,
         cached_tokens: int,
         observe: Callable[[Step], None] | None,
+        speculative: str | None = None,
+        draft_tokens: int = 4,
+        ngram_size: int = 3,
+        stats: SpeculativeStats | None = None,
+        sink_tokens: int = 4,
+        window: int | None = None,
     ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
         if (kv_cache is not None or observe is not None) and self.backend != "native":
             raise ValueError("continuing a KV cache or observing the steps needs the native backend")
+        if cache == "sink" and (self.backend != "native" or speculative is not None):
+            raise ValueError("the sink cache needs the native backend and plain (not speculative) decoding")
+        if speculative is not None:
+            check_speculative(speculative, params, len(prompts), self.backend, draft_tokens, ngram_size)
+            if kv_cache is not None or observe is not None:
+                raise ValueError("speculative decoding cannot continue a KV cache or be traced")
+            return generate_tokens_prompt_lookup(
+                self.model, prompts[0], max_new_tokens, params, cache, draft_tokens, ngram_size, stats
+            )
         if self.backend == "hf":
             pad = (
                 self.tokenizer.pad_token_id
@@ -156,7 +178,9 @@ class LM:
             )
             eos = self.eos_token_ids if stop_at_eos else []
             return generate_tokens_hf(self.model, prompts, max_new_tokens, params, eos, pad, cache)
-        return generate_tokens(self.model, prompts, max_new_tokens, params, cache, kv_cache, cached_tokens, observe)
+        return generate_tokens(
+            self.model, prompts, max_new_tokens, params, cache, kv_cache, cached_tokens, observe, sink_tokens, window
+        )
 
     def stream_batch(
         self,
@@ -169,13 +193,23 @@ class LM:
         kv_cache: list[LayerCache] | None = None,
         cached_tokens: int = 0,
         observe: Callable[[Step], None] | None = None,
+        speculative: str | None = None,
+        draft_tokens: int = 4,
+        ngram_size: int = 3,
+        sink_tokens: int = 4,
+        window: int | None = None,
         **sampling,
     ) -> Iterator[list[Response | None]]:
         """Yield, per step, one `Response` per prompt (None once that prompt has finished).
 
         `kv_cache` continues a cache that already holds `cached_tokens` tokens before the prompts
         (a chat session's earlier turns); `observe` receives every `generate.Step` (tracing). Both
-        need the native backend.
+        need the native backend. `speculative="prompt_lookup"` (native backend, one greedy prompt)
+        verifies up to `draft_tokens` tokens copied from the context per forward, found by matching
+        its last `ngram_size` (down to 2) tokens (`kvgen.speculative`); the tokens are the same, and
+        the final `Timings.speculative` counts drafted and accepted tokens. `cache="sink"` keeps the
+        first `sink_tokens` and the last `window` tokens (default: the context less the sinks) and
+        runs past the model's context (`kvgen.cache.SinkLayerCache`).
         """
         if not prompts:
             raise ValueError("no prompts given")
@@ -183,10 +217,26 @@ class LM:
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         prompt_ids = [self.encode(p) for p in prompts]
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
+        stats = SpeculativeStats() if speculative is not None else None
         start = time.perf_counter()
         first_token_at = start
         with contextlib.closing(
-            self._token_steps(prompt_ids, max_new_tokens, params, cache, stop_at_eos, kv_cache, cached_tokens, observe)
+            self._token_steps(
+                prompt_ids,
+                max_new_tokens,
+                params,
+                cache,
+                stop_at_eos,
+                kv_cache,
+                cached_tokens,
+                observe,
+                speculative,
+                draft_tokens,
+                ngram_size,
+                stats,
+                sink_tokens=sink_tokens,
+                window=window,
+            )
         ) as steps:
             for step, tokens in enumerate(steps):
                 now = time.perf_counter()
@@ -202,6 +252,8 @@ class LM:
                         response.timings = Timings(
                             self.load_seconds, first_token_at - start, now - first_token_at, len(ids), step + 1
                         )
+                        if stats is not None:
+                            response.timings.speculative = dataclasses.replace(stats)
                     out.append(response)
                 yield out
                 if all(row.finish_reason for row in rows):
@@ -253,11 +305,18 @@ class LM:
         stop = ([stop] if isinstance(stop, str) else list(stop or [])) + stops
         return self.generate(render(self, messages, template), max_new_tokens, stop=stop, **kwargs)
 
-    def chat_session(self, system: str | None = None, cache: str = "dynamic", template: str | None = None):
+    def chat_session(
+        self,
+        system: str | None = None,
+        cache: str = "dynamic",
+        template: str | None = None,
+        sink_tokens: int = 4,
+        window: int | None = None,
+    ):
         """A `ChatSession` that keeps the KV cache between turns, so each turn prefills only its new tokens."""
         from .chat import ChatSession
 
-        return ChatSession(self, system, cache, template)
+        return ChatSession(self, system, cache, template, sink_tokens=sink_tokens, window=window)
 
     def generate(
         self,
@@ -274,14 +333,23 @@ class LM:
         stop_at_eos: bool = True,
         cache: str = "dynamic",
         trace: bool = False,
+        speculative: str | None = None,
+        draft_tokens: int = 4,
+        ngram_size: int = 3,
+        sink_tokens: int = 4,
+        window: int | None = None,
     ) -> Result:
         """Generate up to `max_new_tokens` tokens after `prompt`.
 
         Temperature 0 is greedy. Generation ends after exactly `max_new_tokens` tokens
         (finish_reason "length") unless an EOS token ("eos", when `stop_at_eos`) or one of the `stop`
-        strings ("stop"; the stop string is not returned) ends it first. `cache` is "dynamic" or
-        "static". `token_ids` holds every generated token, EOS included. `trace=True` (native
+        strings ("stop"; the stop string is not returned) ends it first. `cache` is "dynamic",
+        "static" or "sink": StreamingLLM's attention sinks, `sink_tokens` first tokens plus the last
+        `window` (default: the context less the sinks), for text of any length on a rotary model. `token_ids` holds every generated token, EOS included. `trace=True` (native
         backend) also records every step's shapes and caches in `Result.trace` (`kvgen.trace`).
+        `speculative="prompt_lookup"` (greedy, native backend) drafts up to `draft_tokens` tokens
+        per forward from earlier text matching the last `ngram_size` tokens, with the same result;
+        `timings.speculative` holds its counts.
         """
         tracer = None
         if trace:
@@ -305,6 +373,11 @@ class LM:
             stop_at_eos=stop_at_eos,
             cache=cache,
             observe=tracer,
+            speculative=speculative,
+            draft_tokens=draft_tokens,
+            ngram_size=ngram_size,
+            sink_tokens=sink_tokens,
+            window=window,
         )
         if tracer is not None:
             result.trace = tracer.records

@@ -13,6 +13,11 @@ loop feeds every cache: each row's positions rise by one per slot, so the last `
 hold everything the next token may attend to. The model cannot tell the kinds apart, and no cache
 knows the loop that drives it. `truncate` cuts caches back to a prefix of their stream, so that a
 chat can continue from what an earlier turn left.
+
+One kind re-positions what it holds: the sink cache (StreamingLLM) stores keys before RoPE and
+hands them back with their places in the cache as positions. Its `rotates_keys` tells attention
+to rotate the keys by those positions after `update`, and this step's queries by the cache's
+`query_positions`; every other cache stores keys already rotated (`rotates_keys = False`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CACHE_KINDS = ("dynamic", "static")
+CACHE_KINDS = ("dynamic", "static", "sink")
 
 
 @dataclass(frozen=True)
@@ -30,11 +35,14 @@ class LayerShape:
     """What one attention layer stores per token: `kv_heads` keys and values of `head_dim`.
 
     `window` is set for sliding-window layers, which attend to the last `window` tokens only.
+    `rotary` says the layer positions keys by rotating them (RoPE), so a cache may store them
+    un-rotated and move them (the sink cache); learned absolute positions (GPT-2) cannot move.
     """
 
     kv_heads: int
     head_dim: int
     window: int | None = None
+    rotary: bool = False
 
 
 class DynamicLayerCache:
@@ -43,6 +51,8 @@ class DynamicLayerCache:
     With a `window` it then drops all but the last `window - 1` entries: the next query sees only
     those and itself. This step's queries have already been handed every entry they need.
     """
+
+    rotates_keys = False  # keys are stored rotated at their text positions
 
     def __init__(self, window: int | None = None) -> None:
         self.window = window
@@ -98,6 +108,8 @@ class StaticLayerCache:
     not yet written keep position -1, so the mask hides them.
     """
 
+    rotates_keys = False  # keys are stored rotated at their text positions
+
     def __init__(self, batch: int, shape: LayerShape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         self.keys = torch.zeros(batch, shape.kv_heads, max_len, shape.head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
@@ -140,6 +152,8 @@ class RingLayerCache:
     it was plus the new entries, since the first new queries still need slots the last ones would
     overwrite; then the ring keeps the newest `window`, so a prompt may be longer than the window.
     """
+
+    rotates_keys = False  # keys are stored rotated at their text positions
 
     def __init__(self, batch: int, shape: LayerShape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         size = min(shape.window, max_len)  # a stream shorter than the window never wraps
@@ -193,7 +207,92 @@ class RingLayerCache:
         return self.keys.nbytes + self.values.nbytes
 
 
-LayerCache = DynamicLayerCache | StaticLayerCache | RingLayerCache
+class SinkLayerCache:
+    """StreamingLLM's cache (Xiao et al., "Efficient Streaming Language Models with Attention
+    Sinks"): the first `sinks` tokens of the stream, which soak up attention however long the text
+    runs, and the last `window` tokens; everything between is dropped.
+
+    Keys are stored before RoPE. `update` hands back the held keys with their places in the cache,
+    0 ... L-1 (sinks first, then the window oldest to newest), as positions, so the usual mask
+    applies; attention rotates the keys by those positions and this step's queries by
+    `query_positions`, the places the new tokens took. The positions a model sees thus stay below
+    sinks + window however long the text. The buffers are preallocated and written in place, the
+    window part as a ring, so memory is constant once full.
+
+    Until the cache is full, slot, cache position and stream index coincide, which is exactly what
+    a dynamic cache gives a fresh stream. A step of several tokens must fit in the free slots
+    (`room`): past that each query would need its own window, so the loop feeds the rest of a long
+    prompt one token at a time. Every row is at the same stream position (no left padding).
+    """
+
+    rotates_keys = True
+
+    def __init__(
+        self,
+        batch: int,
+        shape: LayerShape,
+        sinks: int,
+        window: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.sinks, self.window = sinks, window
+        size = min(sinks + window, max_len)  # a stream shorter than sinks + window never drops anything
+        self.keys = torch.zeros(batch, shape.kv_heads, size, shape.head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.index = 0  # tokens seen so far
+        self.query_positions: Tensor | None = None  # (B, T): where the last update put its tokens
+
+    def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        (B, _, T, _), size, device = keys.shape, self.keys.shape[2], keys.device
+        start = self.index
+        if start + T <= size:  # nothing dropped yet: the new tokens take the next slots
+            self.keys[:, :, start : start + T] = keys
+            self.values[:, :, start : start + T] = values
+            self.index = end = start + T
+            self.query_positions = torch.arange(start, end, device=device).expand(B, T)
+            held = torch.arange(end, device=device).expand(B, end)
+            return self.keys[:, :, :end], self.values[:, :, :end], held  # views, no copies
+        if T > 1 or size < self.sinks + self.window:
+            raise ValueError(f"sink cache: {T} new tokens do not fit in the {size - start} free slots")
+        # The stream's i-th token (i >= sinks) lives in slot sinks + (i - sinks) % window: the new one
+        # overwrites the oldest of the window.
+        slot = self.sinks + (start - self.sinks) % self.window
+        self.keys[:, :, slot : slot + 1] = keys
+        self.values[:, :, slot : slot + 1] = values
+        self.index = start + 1
+        self.query_positions = torch.full((B, 1), size - 1, device=device)
+        # Window slot j holds the token of rank (j - index) % window among the last `window`.
+        ring = torch.arange(self.window, device=device)
+        ranks = (ring + self.sinks - self.index) % self.window
+        held = torch.cat([torch.arange(self.sinks, device=device), self.sinks + ranks])
+        return self.keys, self.values, held.expand(B, size)
+
+    @property
+    def room(self) -> int:
+        """How many tokens one step may still add at once: the free slots."""
+        return self.keys.shape[2] - min(self.index, self.keys.shape[2])
+
+    def truncate(self, keep: int) -> bool:
+        """Forget every token after the first `keep`; False, changing nothing, if one of those was dropped."""
+        dropped = self.index > self.keys.shape[2]  # tokens sinks ... index - window are gone
+        if keep > self.index or (dropped and keep > self.sinks):
+            return False
+        self.index = keep
+        return True
+
+    @property
+    def length(self) -> int:
+        """Tokens stored."""
+        return min(self.index, self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+LayerCache = DynamicLayerCache | StaticLayerCache | RingLayerCache | SinkLayerCache
 
 
 def truncate(caches: list[LayerCache], keep: int) -> bool:
@@ -212,19 +311,44 @@ def make_cache(
     max_len: int,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    sink_tokens: int = 4,
+    window: int | None = None,
 ) -> list[LayerCache]:
-    """One cache per attention layer. `max_len` bounds the static kind (prompt + new tokens).
+    """One cache per attention layer. `max_len` bounds the static and sink kinds (prompt + new tokens).
 
-    Sliding-window layers get caches that hold about `window` tokens, however long the stream.
+    Sliding-window layers get caches that hold about `window` tokens, however long the stream. The
+    sink kind keeps `sink_tokens` + `window` tokens in each global layer (`window` defaults to
+    `max_len - sink_tokens`) and a ring of its own window in each sliding layer; it needs rotary layers.
     """
     if kind == "dynamic":
         return [DynamicLayerCache(shape.window) for shape in layers]
+    device = torch.device(device)
     if kind == "static":
-        device = torch.device(device)
         return [
             StaticLayerCache(batch, shape, max_len, dtype, device)
             if shape.window is None
             else RingLayerCache(batch, shape, max_len, dtype, device)
             for shape in layers
         ]
+    if kind == "sink":
+        window = max_len - sink_tokens if window is None else window
+        check_sink(sink_tokens, window)
+        if not all(shape.rotary for shape in layers):
+            raise ValueError(
+                "the sink cache re-positions cached keys by rotating them (RoPE); this model has learned "
+                "absolute position embeddings (GPT-2), so its cached keys cannot move: use the dynamic or static cache"
+            )
+        return [
+            SinkLayerCache(batch, shape, sink_tokens, window, max_len, dtype, device)
+            if shape.window is None
+            else RingLayerCache(batch, shape, max_len, dtype, device)
+            for shape in layers
+        ]
     raise ValueError(f"unknown cache kind {kind!r}; choose one of: {', '.join(CACHE_KINDS)}")
+
+
+def check_sink(sink_tokens: int, window: int) -> None:
+    """ValueError unless `sink_tokens` >= 0 and `window` >= 1 are whole numbers."""
+    for name, value, least in (("sink_tokens", sink_tokens, 0), ("window", window, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")

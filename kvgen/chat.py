@@ -68,11 +68,15 @@ class ChatSession:
         cache: str = "dynamic",
         template: str | None = None,
         max_len: int = 4096,
+        sink_tokens: int = 4,
+        window: int | None = None,
     ) -> None:
         self.lm = lm
         self.system = system
         self.cache_kind = cache
         self.max_len = max_len  # slots of a static cache
+        # The sink kind runs past the context; generate() must know the kind to skip the context check.
+        self.sink = dict(cache="sink", sink_tokens=sink_tokens, window=window) if cache == "sink" else {}
         self.template, self.stops = chat_template(lm, template)
         self.reset()
 
@@ -89,7 +93,13 @@ class ChatSession:
         keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)  # prefill at least one token
         if self.kv_cache is None or not truncate(self.kv_cache, keep):
             layout = self.lm.model.cache_layout()
-            self.kv_cache = make_cache(self.cache_kind, layout, 1, self.max_len, self.lm.dtype, self.lm.device)
+            if self.sink:  # the window defaults to the context less the sinks, as in `generate_tokens`
+                context = self.lm.model.config.context_length
+                window = self.sink["window"] or context - self.sink["sink_tokens"]
+                sink = dict(sink_tokens=self.sink["sink_tokens"], window=window)
+                self.kv_cache = make_cache("sink", layout, 1, context, self.lm.dtype, self.lm.device, **sink)
+            else:
+                self.kv_cache = make_cache(self.cache_kind, layout, 1, self.max_len, self.lm.dtype, self.lm.device)
             keep = 0
         return keep
 
@@ -111,6 +121,7 @@ class ChatSession:
                 stop=list(stop or []) + self.stops,
                 kv_cache=self.kv_cache,
                 cached_tokens=keep,
+                **self.sink,
                 **sampling,
             ):
                 reply.append(response.text)

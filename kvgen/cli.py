@@ -12,9 +12,10 @@ import sys
 from typing import Sequence
 
 from .api import BACKENDS, Result
-from .cache import CACHE_KINDS
+from .cache import CACHE_KINDS, check_sink
 from .loading import DTYPES
 from .sampling import SamplingParams
+from .speculative import SPECULATIVE_METHODS, check_speculative
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +66,15 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the text")
     p.add_argument("--ignore-eos", action="store_true", help="generate through EOS tokens")
-    p.add_argument("--cache", choices=CACHE_KINDS, default="dynamic")
+    p.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="sink: run past the context (rotary models)")
+    p.add_argument("--sink-tokens", type=int, default=4, metavar="N", help="with --cache sink: first tokens kept")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --cache sink: last tokens kept (default: context - sinks)",
+    )
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +95,28 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
     )
     SamplingParams(**sampling)
-    return dict(sampling, stop=args.stop, stop_at_eos=not args.ignore_eos, cache=args.cache)
+    kwargs = dict(sampling, stop=args.stop, stop_at_eos=not args.ignore_eos, cache=args.cache)
+    if args.cache == "sink":
+        check_sink(args.sink_tokens, 1 if args.window is None else args.window)
+        kwargs.update(sink_tokens=args.sink_tokens, window=args.window)
+    return kwargs
+
+
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        default=None,
+        help="prompt_lookup: verify tokens copied from the context, several per forward (greedy, native)",
+    )
+    p.add_argument("--draft-tokens", type=_positive_int, default=4, metavar="N", help="most tokens drafted per step")
+    p.add_argument("--ngram-size", type=_positive_int, default=3, metavar="N", help="longest n-gram matched")
+
+
+def _speculative_kwargs(args: argparse.Namespace) -> dict:
+    if args.speculative is None:
+        return {}
+    return {"speculative": args.speculative, "draft_tokens": args.draft_tokens, "ngram_size": args.ngram_size}
 
 
 def _timing_line(result: Result) -> str:
@@ -100,7 +130,10 @@ def _timing_line(result: Result) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import kvgen
 
-    kwargs = _generation_kwargs(args)
+    kwargs = {**_generation_kwargs(args), **_speculative_kwargs(args)}
+    if args.speculative is not None:  # refuse before loading a model
+        params = SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
+        check_speculative(args.speculative, params, 1, args.backend, args.draft_tokens, args.ngram_size)
     lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     if args.json:
         print(json.dumps(lm.generate(args.prompt, args.max_new_tokens, **kwargs).as_dict(), indent=2))
@@ -113,6 +146,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(flush=True)
     ids = lm.encode(args.prompt)
     print(_timing_line(Result("".join(pieces), [], ids, final.finish_reason, final.timings)), file=sys.stderr)
+    if (stats := final.timings.speculative) is not None:
+        print(
+            f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted, "
+            f"{stats.tokens_per_step:.2f} tokens per decode forward",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -297,8 +336,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             template = f.read()
     kwargs = _generation_kwargs(args)
     kwargs.pop("cache")
+    sink = {key: kwargs.pop(key) for key in ("sink_tokens", "window") if key in kwargs}
     lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)
-    session = lm.chat_session(system=args.system, cache=args.cache, template=template)
+    session = lm.chat_session(system=args.system, cache=args.cache, template=template, **sink)
     if session.stops:
         print("note: this model has no chat template; using a plain 'User:/Assistant:' transcript", file=sys.stderr)
     print("kvgen chat: /reset starts over, /exit quits, Ctrl-C stops a reply", file=sys.stderr)
@@ -361,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     _add_model_args(p)
     p.add_argument("--backend", choices=BACKENDS, default="native")
+    _add_speculative_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     p.set_defaults(run=cmd_generate)
 

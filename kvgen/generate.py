@@ -15,14 +15,25 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .cache import LayerCache, make_cache
+from .cache import LayerCache, SinkLayerCache, check_sink, make_cache
 from .sampling import SamplingParams, sample
 
 
 @torch.no_grad()
 def prefill(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[LayerCache]) -> Tensor:
-    """Run the whole (B, T) prompt once, filling the cache; returns the last position's (B, vocab) logits."""
-    return model(tokens, positions, cache)
+    """Run the whole (B, T) prompt once, filling the cache; returns the last position's (B, vocab) logits.
+
+    A prompt that overflows a sink cache goes in as one forward over what fits, then one token at a
+    time: each later token must see the sinks and the window before it, so the window moves under
+    every query, which one forward cannot give.
+    """
+    room = min((c.room for c in cache if isinstance(c, SinkLayerCache)), default=tokens.shape[1])
+    if room >= tokens.shape[1]:
+        return model(tokens, positions, cache)
+    logits = model(tokens[:, :room], positions[:, :room], cache) if room else None
+    for i in range(room, tokens.shape[1]):
+        logits = model(tokens[:, i : i + 1], positions[:, i : i + 1], cache)
+    return logits
 
 
 @torch.no_grad()
@@ -46,7 +57,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]
     return tokens, positions
 
 
-def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> None:
+def check_fits(prompt_len: int, max_new_tokens: int, context_length: float) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if prompt_len + max_new_tokens > context_length:
@@ -54,6 +65,22 @@ def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> Non
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
             f"of {context_length} tokens"
         )
+
+
+def sink_window(sink_tokens: int, window: int | None, context_length: int, prompts: list[list[int]]) -> int:
+    """The sink cache's window (default: the context less the sinks), checked against the context.
+
+    The prompt and new tokens need not fit in the context: the cache keeps sinks + window of them.
+    """
+    window = context_length - sink_tokens if window is None else window
+    check_sink(sink_tokens, window)
+    if sink_tokens + window > context_length:
+        raise ValueError(
+            f"sink_tokens ({sink_tokens}) + window ({window}) exceeds the model's context of {context_length} tokens"
+        )
+    if len({len(p) for p in prompts}) > 1:
+        raise ValueError("the sink cache needs prompts of one length: its sinks would be a padded row's padding")
+    return window
 
 
 @dataclass
@@ -78,6 +105,8 @@ def generate_tokens(
     cache: list[LayerCache] | None = None,
     start: int = 0,
     observe: Callable[[Step], None] | None = None,
+    sink_tokens: int = 4,
+    window: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
 
@@ -85,15 +114,27 @@ def generate_tokens(
     stops the computation before the next step. A `cache` that already holds `start` tokens per row
     is continued (a chat's earlier turns): only `prompts` are prefilled, at positions from `start`.
     `observe` is called with a `Step` after each step's sampling; without it the loop keeps no records.
+    `cache_kind="sink"` keeps `sink_tokens` + `window` tokens and runs past the model's context.
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
-    check_fits(start + max(map(len, prompts)), max_new_tokens, model.config.context_length)
+    if cache_kind == "sink":  # only the sinks and the window are kept, so any length runs
+        window = sink_window(sink_tokens, window, model.config.context_length, prompts)
+        check_fits(0, max_new_tokens, float("inf"))  # only max_new_tokens >= 1: no context bound
+    else:
+        check_fits(start + max(map(len, prompts)), max_new_tokens, model.config.context_length)
     tokens, positions = (t.to(device) for t in left_pad(prompts))
     positions = torch.where(positions >= 0, positions + start, positions)
     if cache is None:
         cache = make_cache(
-            cache_kind, model.cache_layout(), len(prompts), tokens.shape[1] + max_new_tokens, dtype, device
+            cache_kind,
+            model.cache_layout(),
+            len(prompts),
+            tokens.shape[1] + max_new_tokens,
+            dtype,
+            device,
+            sink_tokens,
+            window,
         )
     generator = params.generator(device)
     # The repetition penalty looks at every token so far; pad slots repeat the row's last prompt token,

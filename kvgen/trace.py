@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .cache import DynamicLayerCache, LayerCache, LayerShape, RingLayerCache, StaticLayerCache
+from .cache import DynamicLayerCache, LayerCache, LayerShape, RingLayerCache, SinkLayerCache, StaticLayerCache
 from .generate import Step
 from .models import layers as _layers
 
@@ -43,7 +43,7 @@ class LayerCacheRecord:
     """One layer's KV cache after a step."""
 
     layer: int
-    kind: str  # "dynamic", "static", or "ring" (the static cache of a sliding-window layer)
+    kind: str  # "dynamic", "static", "ring" (the static cache of a sliding-window layer) or "sink"
     window: int | None  # sliding-window layers: the tokens a query may see
     keys: tuple[int, ...]  # (B, Hkv, S_stored, D); () before anything is stored
     values: tuple[int, ...]
@@ -82,6 +82,8 @@ def _kind(cache: LayerCache) -> str:
         return "static"
     if isinstance(cache, RingLayerCache):
         return "ring"
+    if isinstance(cache, SinkLayerCache):
+        return "sink"
     raise TypeError(f"unknown cache type {type(cache).__name__}")
 
 
@@ -176,7 +178,9 @@ class Tracer:
         kind = _kind(cache)
         allocated = index = None
         window = self.layout[i].window if self.layout is not None else getattr(cache, "window", None)
-        if kind == "dynamic":
+        if kind == "sink":  # attention saw the filled part: sinks + window once full
+            allocated, index, seen = cache.keys.shape[2], cache.index, cache.length
+        elif kind == "dynamic":
             # A windowed one handed attention what it kept plus the new entries, then dropped some.
             seen = self._stored.get(i, 0) + T if window is not None else cache.length
         else:

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from kvgen.cache import (
-    CACHE_KINDS,
     DynamicLayerCache,
     LayerShape,
     RingLayerCache,
@@ -116,7 +115,8 @@ def test_truncate_then_continue(kind, window, keep):
 
 
 def test_truncate_refuses_only_what_a_window_dropped():
-    (dynamic,), (ring,) = (make_cache(kind, [LayerShape(H, D, window=4)], B, 40, torch.float32) for kind in CACHE_KINDS)
+    layers = [LayerShape(H, D, window=4)]
+    (dynamic,), (ring,) = (make_cache(kind, layers, B, 40, torch.float32) for kind in ("dynamic", "static"))
     for _, k, v, positions in stream([20]):
         dynamic.update(k, v, positions)
         ring.update(k, v, positions)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Gemma3Config
-from .layers import activation, apply_rope, attention, attention_mask, embedding, rope_cos_sin, rope_inv_freq
+from .layers import activation, attention, attention_mask, embedding, rope_and_cache, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -45,13 +45,14 @@ class Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar**-0.5
         self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v, key_positions = cache.update(k, v, positions)  # (B, Hkv, S, D), (B, S)
+        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
         y = attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -81,8 +82,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, rope, cache))
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
+    ) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), positions, rope, inv_freq, cache)
+        x = x + self.post_attention_layernorm(h)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -109,7 +113,12 @@ class Gemma3(nn.Module):
         """What each layer's KV cache stores per token; sliding layers need only their window."""
         c = self.config
         return [
-            LayerShape(c.num_key_value_heads, c.head_dim, c.sliding_window if kind == "sliding_attention" else None)
+            LayerShape(
+                c.num_key_value_heads,
+                c.head_dim,
+                c.sliding_window if kind == "sliding_attention" else None,
+                rotary=True,
+            )
             for kind in c.layer_types
         ]
 
@@ -128,7 +137,7 @@ class Gemma3(nn.Module):
         x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
         rope = {kind: rope_cos_sin(positions, inv_freq, x.dtype) for kind, inv_freq in self.inv_freq.items()}
         for block, kind, layer_cache in zip(self.model.layers, self.config.layer_types, cache):
-            x = block(x, positions, rope[kind], layer_cache)
+            x = block(x, positions, rope[kind], self.inv_freq[kind], layer_cache)
         if not all_logits:
             x = x[:, -1]  # only the last position picks the next token: no (T, vocab) product
         logits = self.lm_head(self.model.norm(x))

@@ -122,6 +122,27 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def rope_and_cache(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Rotate this step's (B, H, T, D) queries and keys and hand the keys and values to the layer's
+    cache -> queries, keys, values to attend over, and the query and key positions for the mask.
+
+    Most caches store keys rotated at their text positions (`rope`, the angles of `positions`). A
+    cache that `rotates_keys` (the sink cache) stores them un-rotated and moves them: the keys it
+    returns are rotated by their places in the cache, and the queries by the places it gave them.
+    """
+    if not cache.rotates_keys:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # keys are cached rotated, never rotated again
+        k, v, key_positions = cache.update(k, v, positions)  # (B, Hkv, S, D), (B, S)
+        return q, k, v, positions, key_positions
+    k, v, key_positions = cache.update(k, v, positions)  # un-rotated (B, Hkv, S, D), cache places (B, S)
+    positions = cache.query_positions  # (B, T)
+    q = apply_rope(q, *rope_cos_sin(positions, inv_freq, q.dtype))
+    k = apply_rope(k, *rope_cos_sin(key_positions, inv_freq, k.dtype))
+    return q, k, v, positions, key_positions
+
+
 def embedding(num: int, dim: int) -> nn.Embedding:
     """An embedding table left uninitialised: its weights always come from the checkpoint, and
     nn.Embedding's random init would import torch._dynamo, a second of start-up."""

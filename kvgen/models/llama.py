@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import LlamaConfig
-from .layers import activation, apply_rope, attention, attention_mask, embedding, rope_cos_sin, rope_inv_freq
+from .layers import activation, attention, attention_mask, embedding, rope_and_cache, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -65,13 +65,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=bias)
         self.scale = config.head_dim**-0.5
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # keys are cached rotated, never rotated again
-        k, v, key_positions = cache.update(k, v, positions)  # (B, Hkv, S, D), (B, S)
+        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
         y = attention(q, k, v, attention_mask(positions, key_positions), self.scale)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -84,8 +85,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, inv_freq, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -109,7 +112,9 @@ class Llama(nn.Module):
 
     def cache_layout(self) -> list[LayerShape]:
         """What each layer's KV cache stores per token."""
-        return [LayerShape(self.config.num_key_value_heads, self.config.head_dim)] * self.config.num_hidden_layers
+        return [
+            LayerShape(self.config.num_key_value_heads, self.config.head_dim, rotary=True)
+        ] * self.config.num_hidden_layers
 
     def forward(
         self, tokens: Tensor, positions: Tensor, cache: list[LayerCache] | None = None, all_logits: bool = False
@@ -124,7 +129,7 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)  # 2 x (B, 1, T, D): every layer uses the same angles
         for block, layer_cache in zip(self.model.layers, cache):
-            x = block(x, positions, rope, layer_cache)
+            x = block(x, positions, rope, self.inv_freq, layer_cache)
         if not all_logits:
             x = x[:, -1]  # only the last position picks the next token: no (T, vocab) product
         return self.lm_head(self.model.norm(x))

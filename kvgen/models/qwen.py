@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Qwen2Config, Qwen3Config
-from .layers import apply_rope, attention, attention_mask, embedding, rope_cos_sin
+from .layers import attention, attention_mask, embedding, rope_and_cache, rope_cos_sin
 from .llama import MLP, RMSNorm, build_inv_freq
 from .llama import remap as remap  # same checkpoint names as Llama: drop stale inv_freq, tie the head
 
@@ -32,15 +32,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qwen3 else None
         self.scale = config.head_dim**-0.5
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over D, each head alone; before RoPE, as Qwen3 trained
-        q, k = apply_rope(q.transpose(1, 2), *rope), apply_rope(k.transpose(1, 2), *rope)  # (B, H|Hkv, T, D)
-        k, v, key_positions = cache.update(k, v, positions)  # (B, Hkv, S, D), (B, S)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H|Hkv, T, D)
+        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
         mask = attention_mask(positions, key_positions, self.window)
         y = attention(q, k, v, mask, self.scale)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -54,8 +56,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, inv_freq, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -80,7 +84,7 @@ class Qwen2(nn.Module):
     def cache_layout(self) -> list[LayerShape]:
         """What each layer's KV cache stores per token, and which layers slide a window."""
         c = self.config
-        return [LayerShape(c.num_key_value_heads, c.head_dim, window) for window in c.layer_windows]
+        return [LayerShape(c.num_key_value_heads, c.head_dim, window, rotary=True) for window in c.layer_windows]
 
     def forward(
         self, tokens: Tensor, positions: Tensor, cache: list[LayerCache] | None = None, all_logits: bool = False
@@ -95,7 +99,7 @@ class Qwen2(nn.Module):
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)  # 2 x (B, 1, T, D): every layer uses the same angles
         for block, layer_cache in zip(self.model.layers, cache):
-            x = block(x, positions, rope, layer_cache)
+            x = block(x, positions, rope, self.inv_freq, layer_cache)
         if not all_logits:
             x = x[:, -1]  # only the last position picks the next token: no (T, vocab) product
         return self.lm_head(self.model.norm(x))
