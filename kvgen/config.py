@@ -157,6 +157,15 @@ def _fill_attention_defaults(config: Any) -> None:
         )
 
 
+def _with_rope(cls: type, raw: dict[str, Any]) -> Any:
+    """A Llama-layout config from config.json, its RoPE settings read in either transformers format."""
+    fields = _known_fields(cls, raw)
+    fields["rope_parameters"] = hf_rope_parameters(
+        raw, fields.get("max_position_embeddings", cls.max_position_embeddings)
+    )
+    return cls(**fields)
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """Every Llama config field that changes the maths (transformers' names)."""
@@ -181,11 +190,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "LlamaConfig":
-        fields = _known_fields(cls, raw)
-        fields["rope_parameters"] = hf_rope_parameters(
-            raw, fields.get("max_position_embeddings", cls.max_position_embeddings)
-        )
-        return cls(**fields)
+        return _with_rope(cls, raw)
 
     @property
     def context_length(self) -> int:
@@ -243,11 +248,7 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Qwen2Config":
-        fields = _known_fields(cls, raw)
-        fields["rope_parameters"] = hf_rope_parameters(
-            raw, fields.get("max_position_embeddings", cls.max_position_embeddings)
-        )
-        return cls(**fields)
+        return _with_rope(cls, raw)
 
     @property
     def context_length(self) -> int:
