@@ -404,7 +404,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
             runs.append(perplexity(lm.model, ids, policy, args.window, args.sinks, on_token=update))
     model = str(args.model or "default (Gemma 3 270M)")
-    source = "stdin" if args.file == "-" else args.file
+    source = {"-": "stdin", None: "built-in text (4 Shakespeare tragedies)"}.get(args.file, args.file)
     dtype = str(lm.dtype).removeprefix("torch.")
     table = Table(title=f"{model}: {source}, {len(ids)} tokens, {dtype}")
     for column in ("policy", "window", "sinks", "tokens", "perplexity", "decode tok/s", "cache bytes"):
