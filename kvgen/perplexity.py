@@ -25,7 +25,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,18 +66,8 @@ class PerplexityRun:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
     def as_dict(self) -> dict:
-        return dict(
-            policy=self.policy,
-            window=self.window,
-            sinks=self.sinks,
-            tokens=self.tokens,
-            perplexity=self.perplexity,
-            mean_nll=self.mean_nll,
-            seconds=self.seconds,
-            decode_tok_s=self.tok_s,
-            cache_bytes=self.cache_bytes,
-            nll=self.nll,
-        )
+        computed = dict(tokens=self.tokens, perplexity=self.perplexity, mean_nll=self.mean_nll, decode_tok_s=self.tok_s)
+        return {**asdict(self), **computed}
 
 
 # A long public-domain English text that ships offline: four of Shakespeare's tragedies, as the
