@@ -383,7 +383,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         )
         ids = ids[:context]
     for policy in policies:  # every refusal before the first token is scored
-        check_policy(policy, args.window, args.sinks, context, len(ids))
+        check_policy(policy, args.window, args.sinks, context, len(ids), args.every)
         if policy in ("window", "sink"):  # the sink cache's own refusal (GPT-2), on a one-slot cache
             make_cache("sink", lm.model.cache_layout(), 1, 1, lm.dtype, lm.device, 0, 1)
     err = Console(stderr=True, highlight=False)
@@ -397,17 +397,18 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     )
     with Progress(*columns, console=err, transient=False) as progress:
         for policy in policies:
-            task = progress.add_task(policy, total=len(ids) - 1, ppl="-")
+            task = progress.add_task(policy, total=(len(ids) - 1) // args.every, ppl="-")
 
             def update(run, task=task):
                 progress.update(task, completed=run.tokens, ppl=f"{run.perplexity:.3f}")
 
-            runs.append(perplexity(lm.model, ids, policy, args.window, args.sinks, on_token=update))
+            runs.append(perplexity(lm.model, ids, policy, args.window, args.sinks, args.every, on_token=update))
     model = str(args.model or "default (Gemma 3 270M)")
     source = {"-": "stdin", None: "built-in text (4 Shakespeare tragedies)"}.get(args.file, args.file)
     dtype = str(lm.dtype).removeprefix("torch.")
-    table = Table(title=f"{model}: {source}, {len(ids)} tokens, {dtype}")
-    for column in ("policy", "window", "sinks", "tokens", "perplexity", "decode tok/s", "cache bytes"):
+    sampled = f", every {args.every}th token scored" if args.every > 1 else ""
+    table = Table(title=f"{model}: {source}, {len(ids)} tokens{sampled}, {dtype}")
+    for column in ("policy", "window", "sinks", "scored", "perplexity", "decode tok/s", "cache bytes"):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for run in runs:
         window = "-" if run.window is None else str(run.window)
@@ -422,7 +423,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         )
     Console(highlight=False).print(table)
     if args.json:
-        doc = {"model": model, "text": source, "tokens": len(ids), "dtype": dtype}
+        doc = {"model": model, "text": source, "tokens": len(ids), "every": args.every, "dtype": dtype}
         doc["runs"] = [run.as_dict() for run in runs]
         write_atomic(args.json, json.dumps(doc, indent=1).encode())
     if args.plot:
@@ -569,6 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sinks", type=int, default=4, metavar="K", help="with sink: first tokens kept (default 4)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N", help="score the first N tokens")
+    p.add_argument(
+        "--every",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="score every K-th token only: recompute then runs 1/K of its forwards (default 1)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write every run and its NLLs as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot NLL and log perplexity by position")
     p.set_defaults(run=cmd_perplexity)

@@ -16,6 +16,10 @@ counts as one of the N):
 
 While the text fits (K + N tokens for `sink`, N for the others) all four are the dense result.
 Negative log-likelihoods are taken in float64 from the logits, in nats.
+
+Scoring `every` k-th token only samples the text evenly: the streaming policies still feed every
+token (their caches must see the whole stream), but `recompute` runs only the forwards it scores,
+1/k of them, which is what makes it affordable over tens of thousands of tokens.
 """
 
 from __future__ import annotations
@@ -39,18 +43,22 @@ POLICIES = ("dense", "window", "sink", "recompute")
 
 @dataclass
 class PerplexityRun:
-    """One policy's pass over a text: `nll[i]` scores token i + 1 given what the policy kept of 0 ... i."""
+    """One policy's pass over a text: `nll[j]` scores token `scored[j]` given what the policy kept
+    of the tokens before it."""
 
     policy: str
     window: int | None  # None for dense
     sinks: int  # 0 unless the policy is sink
+    every: int = 1  # tokens every, 2 * every, ... are scored
+    scored: list[int] = field(default_factory=list)
     nll: list[float] = field(default_factory=list)
     seconds: float = 0.0  # forwards and scoring, the whole stream
+    steps: int = 0  # forwards run: every token fed when streaming, one per token scored by recompute
     cache_bytes: int = 0  # what the cache held after the last token
 
     @property
     def tokens(self) -> int:
-        """Tokens scored (the text's length less the first, which nothing predicts)."""
+        """Tokens scored (with `every` 1, the text's length less the first, which nothing predicts)."""
         return len(self.nll)
 
     @property
@@ -63,7 +71,8 @@ class PerplexityRun:
 
     @property
     def tok_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+        """Forwards per second: decode steps when streaming, whole windows for recompute."""
+        return self.steps / self.seconds if self.seconds > 0 else float("inf")
 
     def as_dict(self) -> dict:
         computed = dict(tokens=self.tokens, perplexity=self.perplexity, mean_nll=self.mean_nll, decode_tok_s=self.tok_s)
@@ -95,7 +104,9 @@ def _plain_text(markdown: str) -> str:
     return re.sub(r" +$", "", text, flags=re.MULTILINE)
 
 
-def check_policy(policy: str, window: int | None, sinks: int, context_length: int, length: int) -> int | None:
+def check_policy(
+    policy: str, window: int | None, sinks: int, context_length: int, length: int, every: int = 1
+) -> int | None:
     """ValueError unless `policy` can score a text of `length` tokens; returns the window it will use.
 
     The window defaults to the context less the sinks for every windowed policy, so that `sink`
@@ -103,8 +114,10 @@ def check_policy(policy: str, window: int | None, sinks: int, context_length: in
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; choose from: {', '.join(POLICIES)}")
-    if length < 2:
-        raise ValueError(f"the text is {length} token(s) long: perplexity needs at least 2")
+    if every < 1:
+        raise ValueError(f"every must be at least 1 (score every token), not {every}")
+    if length <= every:
+        raise ValueError(f"the text is {length} token(s) long: scoring every {every} needs at least {every + 1}")
     if policy == "dense":
         if length > context_length:
             raise ValueError(
@@ -123,14 +136,15 @@ def check_policy(policy: str, window: int | None, sinks: int, context_length: in
 
 @torch.no_grad()
 def token_nlls(
-    model: nn.Module, ids: list[int], policy: str, window: int | None = None, sinks: int = 4
-) -> Iterator[tuple[float, list[LayerCache]]]:
-    """Yield (NLL of token i + 1, the cache as it stands) for i = 0 ... len(ids) - 2, streaming the text.
+    model: nn.Module, ids: list[int], policy: str, window: int | None = None, sinks: int = 4, every: int = 1
+) -> Iterator[tuple[int, float, list[LayerCache]]]:
+    """Yield (t, NLL of token t, the cache as it stands) for t = every, 2 * every, ... < len(ids),
+    streaming the text.
 
     `model` is a native kvgen model (`lm.model`); see the module docstring for the policies.
     `sinks` counts only for `sink`.
     """
-    window = check_policy(policy, window, sinks, model.config.context_length, len(ids))
+    window = check_policy(policy, window, sinks, model.config.context_length, len(ids), every)
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
     tokens = torch.tensor(ids, dtype=torch.long, device=device)
@@ -140,11 +154,11 @@ def token_nlls(
         return -float(torch.log_softmax(logits[0].double(), dim=-1)[target])
 
     if policy == "recompute":
-        for i in range(len(ids) - 1):
-            start = max(i + 1 - window, 0)
-            cache = make_cache("dynamic", model.cache_layout(), 1, i + 1 - start, dtype, device)
-            logits = model(tokens[None, start : i + 1], positions[None, : i + 1 - start], cache)
-            yield nll(logits, ids[i + 1]), cache
+        for t in range(every, len(ids), every):
+            start = max(t - window, 0)
+            cache = make_cache("dynamic", model.cache_layout(), 1, t - start, dtype, device)
+            logits = model(tokens[None, start:t], positions[None, : t - start], cache)
+            yield t, nll(logits, ids[t]), cache
         return
     if policy == "dense":
         cache = make_cache("dynamic", model.cache_layout(), 1, len(ids), dtype, device)
@@ -152,10 +166,11 @@ def token_nlls(
         kept = sinks if policy == "sink" else 0
         cache = make_cache("sink", model.cache_layout(), 1, len(ids), dtype, device, kept, window)
     logits = prefill(model, tokens[None, :1], positions[None, :1], cache)
-    for i in range(len(ids) - 1):
-        if i:
-            logits = decode_one(model, tokens[i : i + 1], positions[i : i + 1], cache)
-        yield nll(logits, ids[i + 1]), cache
+    for t in range(1, len(ids)):  # logits from tokens 0 ... t - 1 score token t
+        if t > 1:
+            logits = decode_one(model, tokens[t - 1 : t], positions[t - 1 : t], cache)
+        if t % every == 0:
+            yield t, nll(logits, ids[t]), cache
 
 
 def perplexity(
@@ -164,17 +179,21 @@ def perplexity(
     policy: str,
     window: int | None = None,
     sinks: int = 4,
+    every: int = 1,
     on_token: Callable[[PerplexityRun], None] | None = None,
 ) -> PerplexityRun:
-    """Stream `ids` through `model` under `policy` and collect every token's NLL (`token_nlls`).
+    """Stream `ids` through `model` under `policy` and collect the NLL of every `every`-th token
+    (`token_nlls`).
 
-    `on_token` is called with the run so far after each token (a progress bar's hook).
+    `on_token` is called with the run so far after each token scored (a progress bar's hook).
     """
-    window = check_policy(policy, window, sinks, model.config.context_length, len(ids))
-    run = PerplexityRun(policy, window, sinks if policy == "sink" else 0)
+    window = check_policy(policy, window, sinks, model.config.context_length, len(ids), every)
+    run = PerplexityRun(policy, window, sinks if policy == "sink" else 0, every)
     started = time.perf_counter()
-    for value, cache in token_nlls(model, ids, policy, window, sinks):
+    for t, value, cache in token_nlls(model, ids, policy, window, sinks, every):
+        run.scored.append(t)
         run.nll.append(value)
+        run.steps = len(run.scored) if policy == "recompute" else t
         run.seconds = time.perf_counter() - started
         run.cache_bytes = sum(c.nbytes for c in cache)
         if on_token is not None:
@@ -210,7 +229,7 @@ def perplexity_figure(runs: list[PerplexityRun], title: str = ""):
     width = max(1, min(64, max(r.tokens for r in runs) // 20))
     for n, run in enumerate(runs):
         label = run.policy if run.window is None else f"{run.policy} ({run.sinks} + {run.window})"
-        x = range(1, run.tokens + 1)  # the position of the token scored
+        x = run.scored  # the position of the token scored
         nll_ax.plot(x, moving_average(run.nll, width), color=f"C{n}", lw=1, label=label)
         running_ax.plot(x, running_log_perplexity(run.nll), color=f"C{n}", lw=1.5, label=label)
     nll_ax.set(title=f"NLL per token (mean of the last {width})", xlabel="position in the text", ylabel="nats")

@@ -103,8 +103,9 @@ def test_window_and_sink_part_past_the_window(llama, ids):
 
 def test_generator_and_helpers(llama, ids):
     _, lm = llama
-    nlls = [value for value, _ in token_nlls(lm.model, ids[:20], "sink", window=8, sinks=2)]
-    assert nlls == perplexity(lm.model, ids[:20], "sink", window=8, sinks=2).nll
+    scored, nlls, _ = zip(*token_nlls(lm.model, ids[:20], "sink", window=8, sinks=2))
+    run = perplexity(lm.model, ids[:20], "sink", window=8, sinks=2)
+    assert list(nlls) == run.nll and list(scored) == run.scored == list(range(1, 20))
     assert running_log_perplexity([1.0, 3.0, 2.0]) == [1.0, 2.0, 2.0]
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     for bad, match in (
@@ -114,10 +115,26 @@ def test_generator_and_helpers(llama, ids):
         (dict(window=61), "exceeds the model's context"),
         (dict(policy="window", window=65), "exceeds the model's context"),
         (dict(ids=ids[:1]), "at least 2"),
+        (dict(every=0), "every must be at least 1"),
+        (dict(ids=ids[:5], every=5), "at least 6"),
     ):
         kwargs = dict(ids=ids[:30], policy="sink", window=None, sinks=4) | bad
         with pytest.raises(ValueError, match=match):
             perplexity(lm.model, kwargs.pop("ids"), kwargs.pop("policy"), **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["dense", "window", "sink", "recompute"])
+def test_scoring_every_kth_token_samples_the_full_run(llama, ids, policy):
+    _, lm = llama
+    text, every = ids[:60], 7
+    full = perplexity(lm.model, text, policy, window=16, sinks=4)
+    sampled = perplexity(lm.model, text, policy, window=16, sinks=4, every=every)
+    assert sampled.scored == list(range(every, 60, every)) and sampled.every == every
+    expected = [full.nll[t - 1] for t in sampled.scored]  # full.nll[j] scores token j + 1
+    torch.testing.assert_close(sampled.nll, expected, rtol=0, atol=1e-5)
+    # Streaming policies still feed every token; recompute runs one forward per token scored.
+    assert sampled.steps == (len(sampled.scored) if policy == "recompute" else sampled.scored[-1])
+    assert full.steps == 59
 
 
 def cli(capsys, *args):
@@ -158,8 +175,13 @@ def test_cli_table_json_and_plot(capsys, tmp_path, llama):
     # Past the context without dense: the whole text, from standard input
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.stdin", io.StringIO(TRAINING_TEXT))
-        code, out, err = cli(capsys, "perplexity", "-", "-m", folder, "--cache", "sink", "--max-tokens", 150)
-    assert code == 0 and "150 tokens" in out and "note" not in err
+        code, out, err = cli(
+            capsys, "perplexity", "-", "-m", folder, "--cache", "sink,recompute", "--max-tokens", 150, "--every", 10,
+            "--json", out_json,
+        )  # fmt: skip
+    assert code == 0 and "150 tokens, every 10th" in out and "note" not in err
+    doc = json.loads(out_json.read_text())
+    assert doc["every"] == 10 and [r["scored"] for r in doc["runs"]] == [list(range(10, 150, 10))] * 2
 
 
 def test_the_built_in_long_text(capsys, tmp_path, llama):
@@ -191,6 +213,7 @@ def test_cli_refusals(capsys, tmp_path, llama, gpt2_tiny):
         (text, "-m", folder, "--cache", "sink", "--window", 61),
         (text, "-m", folder, "--cache", "recompute", "--window", 65),
         (text, "-m", folder, "--max-tokens", 0),
+        (text, "-m", folder, "--every", 0),
         (text, "-m", folder, "--plot", tmp_path / "plot.jpg"),
         (text, "-m", folder, "--json", tmp_path / "no" / "such" / "folder.json"),
     ]

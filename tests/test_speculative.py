@@ -92,7 +92,10 @@ def test_always_wrong_drafts_are_cut_from_window_caches(models, cache, monkeypat
     """Drafts the model never agrees with: every step cuts 1-4 tokens back, past the window."""
     lm = models["gemma3"]
     plain = lm.generate(FREE, N, cache=cache, stop_at_eos=False)
-    wrong = lambda context, n, ngram_size, min_ngram: [(context[-1] + 1 + i) % 300 for i in range(n)]
+
+    def wrong(context, n, ngram_size, min_ngram):
+        return [(context[-1] + 1 + i) % 300 for i in range(n)]
+
     monkeypatch.setattr(speculative, "find_draft", wrong)
     fast = lm.generate(FREE, N, cache=cache, stop_at_eos=False, speculative="prompt_lookup", draft_tokens=4)
     stats = fast.timings.speculative
