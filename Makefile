@@ -19,8 +19,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
+# `make demo LONG=1` adds a perplexity run past a small window (several minutes).
 demo: $(STAMP)
-	$(BIN)/python -m kvgen.demo
+	$(BIN)/python -m kvgen.demo $(if $(LONG),--long)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

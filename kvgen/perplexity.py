@@ -232,7 +232,7 @@ def perplexity_figure(runs: list[PerplexityRun], title: str = ""):
         x = run.scored  # the position of the token scored
         nll_ax.plot(x, moving_average(run.nll, width), color=f"C{n}", lw=1, label=label)
         running_ax.plot(x, running_log_perplexity(run.nll), color=f"C{n}", lw=1.5, label=label)
-    nll_ax.set(title=f"NLL per token (mean of the last {width})", xlabel="position in the text", ylabel="nats")
+    nll_ax.set(title=f"NLL per token (mean of the last {width} scored)", xlabel="position in the text", ylabel="nats")
     running_ax.set(title="log perplexity so far", xlabel="position in the text", ylabel="mean NLL (nats)")
     for ax in (nll_ax, running_ax):
         ax.legend(fontsize=7)
