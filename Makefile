@@ -23,11 +23,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m kvgen.demo $(if $(LONG),--long)
 
+# The playground test drives Debian's Chromium (selenium); installed here, once, when missing.
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 	$(BIN)/python -m pytest -q
 
+# kvgen beside transformers (and llama.cpp, with `pip install -e '.[bench]'`) on the default model;
+# rewrites docs/bench.json and docs/bench.png. Takes minutes: transformers' GGUF load alone is ~60 s.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/kvgen bench --against hf,llama.cpp --batch 1,8 --json docs/bench.json --plot docs/bench.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -292,6 +292,80 @@ class SinkLayerCache:
         return self.keys.nbytes + self.values.nbytes
 
 
+class RowLayerCache:
+    """Continuous batching's cache: every batch row has its own write index, so rows join and leave
+    independently (`kvgen.server.engine`).
+
+    A step of B tokens per row writes rows 0 ... B-1, each at its own index; a row fed position -1
+    (an idle slot) writes nothing that counts and does not advance. A request is prefilled on its
+    own and `put` into a free row; `clear` frees it. Sliding-window layers keep whole rows too: the
+    mask does the windowing (`attention_mask`), which keeps a row's tokens exactly as a batch-1
+    dynamic cache would hand them. Slots grow by doubling, so memory follows the longest row.
+    """
+
+    rotates_keys = False  # keys are stored rotated at their text positions
+
+    def __init__(
+        self, batch: int, shape: LayerShape, dtype: torch.dtype, device: torch.device, slots: int = 64
+    ) -> None:
+        self.keys = torch.zeros(batch, shape.kv_heads, slots, shape.head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.full((batch, slots), -1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # next slot to write, per row
+
+    def _reserve(self, slots: int) -> None:
+        """Make room for `slots` slots per row (doubling), keeping what is held."""
+        have = self.keys.shape[2]
+        if slots <= have:
+            return
+        grow = max(slots, 2 * have) - have
+        B, H, _, D = self.keys.shape
+        pad = self.keys.new_zeros(B, H, grow, D)
+        self.keys, self.values = torch.cat([self.keys, pad], dim=2), torch.cat([self.values, pad], dim=2)
+        self.positions = torch.cat([self.positions, self.positions.new_full((B, grow), -1)], dim=1)
+
+    def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T = positions.shape
+        self._reserve(int(self.lengths[:B].max()) + T)
+        rows = torch.arange(B, device=keys.device)[:, None]  # (B, 1)
+        slots = self.lengths[:B, None] + torch.arange(T, device=keys.device)  # (B, T)
+        self.keys[rows, :, slots] = keys.transpose(1, 2)  # indexed view is (B, T, H, D)
+        self.values[rows, :, slots] = values.transpose(1, 2)
+        self.positions[rows, slots] = positions
+        self.lengths[:B] += (positions >= 0).sum(dim=1)
+        used = int(self.lengths[:B].max())
+        return self.keys[:B, :, :used], self.values[:B, :, :used], self.positions[:B, :used]  # views
+
+    def put(self, row: int, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Fill `row` with a prefilled stream: (1, H, T, D) keys and values at (1, T) positions."""
+        T = keys.shape[2]
+        self._reserve(T)
+        self.clear(row)
+        self.keys[row, :, :T] = keys[0]
+        self.values[row, :, :T] = values[0]
+        self.positions[row, :T] = positions[0]
+        self.lengths[row] = T
+
+    def row(self, row: int) -> tuple[Tensor, Tensor, Tensor]:
+        """What `row` holds: (1, H, L, D) keys and values and (1, L) positions (views)."""
+        n = int(self.lengths[row])
+        return self.keys[row : row + 1, :, :n], self.values[row : row + 1, :, :n], self.positions[row : row + 1, :n]
+
+    def clear(self, row: int) -> None:
+        """Free `row`: its slots go back to position -1."""
+        self.positions[row] = -1
+        self.lengths[row] = 0
+
+    @property
+    def length(self) -> int:
+        """Slots in use by the longest row."""
+        return int(self.lengths.max())
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
 LayerCache = DynamicLayerCache | StaticLayerCache | RingLayerCache | SinkLayerCache
 
 

@@ -478,6 +478,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """kvgen and each peer on the same model file, each in its own process: speed, load, memory."""
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loading.convert import convert_gguf
     from .loading.dtype import resolve_dtype
@@ -495,6 +502,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["context_length"] = f"{info['context_length']:,} tokens" if info["context_length"] else "?"
     for key, value in info.items():
         print(f"{key.replace('_', ' '):<15} {value}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over HTTP (OpenAI's API) until interrupted."""
+    from .server import serve
+
+    serve(
+        args.model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.dtype, args.device,
+        args.served_model_name, args.prompt_cache_mb,
+    )  # fmt: skip
     return 0
 
 
@@ -581,6 +599,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot NLL and log perplexity by position")
     p.set_defaults(run=cmd_perplexity)
 
+    from .bench import parse_batches, parse_peers
+
+    p = sub.add_parser("bench", help="kvgen beside transformers and llama.cpp on one model: tok/s, load, memory")
+    p.add_argument("-m", "--model", default=None, help="model folder, GGUF file or hub id (default: Gemma 3 270M)")
+    _add_dtype_arg(p)
+    p.add_argument(
+        "--against", type=parse_peers, default=["hf", "llama.cpp"], metavar="SYSTEM[,SYSTEM]",
+        help="peers run after kvgen: hf, llama.cpp, or none (default hf,llama.cpp)",
+    )  # fmt: skip
+    p.add_argument("--prompt-tokens", type=_positive_int, default=500, metavar="N", help="default 500")
+    p.add_argument("--new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
+    p.add_argument("--batch", type=parse_batches, default=[1], metavar="B[,B]", help="batch sizes (default 1)")
+    p.add_argument("--repeats", type=_positive_int, default=3, metavar="N", help="timed runs per figure (median)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="default: torch's thread count")
+    p.add_argument("--json", default=None, metavar="FILE", help="write {machine, results} as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the comparison")
+    p.set_defaults(run=cmd_bench)
+
     p = sub.add_parser("convert", help="convert a GGUF file into a model folder in the kvgen cache; print its path")
     p.add_argument("src", help="GGUF file")
     _add_dtype_arg(p)
@@ -592,6 +628,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dtype_arg(p)
     p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a playground at /")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=8, metavar="N", help="rows decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N", help="waiting requests before 429 (default 256)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $KVGEN_API_KEY)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send (default: -m)")
+    p.add_argument("--prompt-cache-mb", type=float, default=256, metavar="MB", help="prefix KV kept (0 = off)")
+    p.set_defaults(run=cmd_serve)
     return parser
 
 

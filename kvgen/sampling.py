@@ -93,3 +93,27 @@ def sample(
     if params.min_p:
         logits = min_p(logits, params.min_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def presence_frequency_penalty(logits: Tensor, counts: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's penalties: subtract `frequency` per earlier occurrence of a token and `presence` once
+    if it occurred at all. `counts` (B, vocab) counts each token among the generated ones."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def sample_rows(
+    logits: Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[Tensor | None],
+) -> Tensor:
+    """(B, vocab) logits -> (B,) token ids, each row with its own parameters, generator and (1, L) history.
+
+    A row's token is exactly what `sample` gives that row alone; a batch that is all plain greedy
+    takes one argmax.
+    """
+    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        return logits.float().argmax(dim=-1)
+    return torch.cat(
+        [sample(logits[i : i + 1], p, g, h) for i, (p, g, h) in enumerate(zip(params, generators, histories))]
+    )

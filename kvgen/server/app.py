@@ -1,0 +1,586 @@
+"""The OpenAI-compatible HTTP API over the engine: routes, response shapes, error objects.
+
+Handlers tokenize and validate on the event loop, hand one `EngineRequest` per choice to the
+engine thread, and read its events from an asyncio queue: collected into one response, or sent
+as Server-Sent Events as they come (`stream`). Every error is OpenAI's error object,
+`{"error": {"message", "type", "param", "code"}}`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..chat import chat_template, render
+from ..sampling import SamplingParams
+from .engine import Engine, EngineRequest, Event, Failed, QueueFull, Started, Token
+from .schemas import ChatRequest, CompletionRequest, unsupported
+
+log = logging.getLogger("kvgen.server")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error object."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code=None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+@dataclass
+class Choice:
+    """One engine request's results as they arrive."""
+
+    index: int
+    prompt_ids: list[int]
+    request: EngineRequest | None = None
+    started: Started | None = None
+    tokens: list[Token] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    queue: asyncio.Queue | None = None  # shared by every choice of one HTTP request
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+
+class Server:
+    """The routes' shared state: the engine, the model's name, and a lock around the tokenizer's encoder."""
+
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine, self.lm, self.model_name = engine, engine.lm, model_name
+        self.created = int(time.time())
+        self.encode_lock = threading.Lock()  # fast tokenizers refuse concurrent encodes that reconfigure them
+        self.template, self.template_stops = chat_template(self.lm)
+
+    # Input ---------------------------------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def prompt_ids(self, prompt: Any) -> list[list[int]]:
+        """OpenAI's four prompt forms -> token ids per prompt."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        vocab = self.lm.model.config.vocab_size
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                with self.encode_lock:
+                    ids = self.lm.tokenizer(p).input_ids if p else []
+            else:
+                ids = list(p)
+                if any(not 0 <= i < vocab for i in ids):
+                    raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            out.append(ids)
+        return out
+
+    def chat_ids(self, body: ChatRequest) -> list[int]:
+        messages = []
+        for m in body.messages:
+            content = (
+                m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+            )
+            if content is None:
+                raise APIError(400, "a message needs 'content'", param="messages")
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        try:
+            with self.encode_lock:
+                ids = render(self.lm, messages, self.template)
+        except Exception as e:  # the template's own raise_exception (e.g. roles must alternate)
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        if not ids:
+            raise APIError(400, "the rendered conversation is empty", param="messages")
+        return ids
+
+    def max_tokens(self, asked: int | None, prompt_len: int, default: int | None, param: str) -> int:
+        """What to generate: as asked, else `default`, else (and at most) the context left, as vLLM does."""
+        context = self.engine.context_length
+        left = context - prompt_len
+        wanted = asked if asked is not None else min(default or left, left)
+        if wanted > left or left < 1:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_len + max(wanted, 1)} tokens ({prompt_len} in the prompt, {max(wanted, 1)} in the completion). "
+                "Please reduce the length of the prompt or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return wanted
+
+    def sampling(self, body, index: int) -> SamplingParams:
+        seed = None if body.seed is None else (body.seed + index) % 2**63  # each of n choices its own stream
+        try:
+            return SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
+                top_k=max(body.top_k or 0, 0),
+                top_p=1.0 if body.top_p is None else body.top_p,
+                min_p=body.min_p or 0.0,
+                repetition_penalty=body.repetition_penalty or 1.0,
+                seed=seed,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    # Running -------------------------------------------------------------------------------------
+
+    def submit(self, body, prompts: list[list[int]], max_tokens: list[int], stop: list[str], **extra) -> list[Choice]:
+        """One engine request per prompt and choice (OpenAI's order: prompt-major), events into one queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        n = body.n or 1
+        choices = []
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                index = p * n + j
+
+                def emit(event: Event, index: int = index) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+                choice = Choice(index, ids)
+                choice.request = EngineRequest(
+                    ids,
+                    max_tokens[p],
+                    emit,
+                    self.sampling(body, j),
+                    body.presence_penalty or 0.0,
+                    body.frequency_penalty or 0.0,
+                    stop,
+                    not body.ignore_eos,
+                    **extra,
+                )
+                choices.append(choice)
+        try:
+            for choice in choices:
+                self.engine.submit(choice.request)
+        except QueueFull:
+            cancel(choices)
+            raise APIError(
+                429,
+                "The server is busy: too many requests are waiting. Retry later.",
+                "requests",
+                code="rate_limit_exceeded",
+            ) from None
+        for choice in choices:
+            choice.queue = queue
+        return choices
+
+
+def cancel(choices: list[Choice]) -> None:
+    for choice in choices:
+        if choice.request is not None:
+            choice.request.cancel()
+
+
+async def events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Event]]:
+    """Each choice's events as they come, until every choice has finished or failed; leaving early
+    (a client gone) cancels the rest at the engine's next step."""
+    queue = choices[0].queue
+    remaining = len(choices)
+    try:
+        while remaining:
+            index, event = await queue.get()
+            choice = choices[index]
+            if isinstance(event, Started):
+                choice.started = event
+            elif isinstance(event, Token):
+                choice.tokens.append(event)
+                choice.finish_reason = event.finish_reason
+            elif isinstance(event, Failed):
+                choice.error = event.message
+            if choice.finish_reason or choice.error:
+                remaining -= 1
+            yield choice, event
+    finally:
+        cancel([c for c in choices if not (c.finish_reason or c.error)])
+
+
+def usage(choices: list[Choice]) -> dict:
+    """Prompt tokens once per prompt (as OpenAI counts them), completion tokens over every choice."""
+    firsts = {}
+    for c in choices:
+        firsts.setdefault(id(c.prompt_ids), c)
+    prompt = sum(len(c.prompt_ids) for c in firsts.values())
+    cached = sum(c.started.cached_tokens for c in firsts.values() if c.started is not None)
+    completion = sum(len(c.tokens) for c in choices)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def sse(doc: dict | str) -> str:
+    return f"data: {doc if isinstance(doc, str) else json.dumps(doc)}\n\n"
+
+
+def server_error(message: str) -> APIError:
+    return APIError(500, f"The server had an error while processing your request: {message}", "server_error")
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application; the engine thread starts and stops with it."""
+    server = Server(engine, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="kvgen", summary="OpenAI-compatible text generation", version="0.1.0", lifespan=lifespan)
+    app.state.server = server
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return APIError(401, "Incorrect API key provided.", code="invalid_api_key").response()
+        if request.method == "POST":  # bodies are JSON whatever the Content-Type says (`curl -d` says a form)
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            request.scope["headers"] = headers + [(b"content-type", b"application/json")]
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"The request body is not valid JSON: {first.get('msg')}").response()
+        if first.get("type") == "extra_forbidden":
+            return APIError(400, f"Unrecognized request argument supplied: {loc[-1]}", param=loc[-1]).response()
+        where = ".".join(loc) or "body"  # names the union member too, e.g. stop.list[str]
+        return APIError(400, f"{where}: {first.get('msg')}", param=loc[0] if loc else None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return APIError(e.status_code, str(e.detail), "invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("request failed")
+        return server_error(type(e).__name__).response()
+
+    @app.get("/health", summary="200 while the engine is serving")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", summary="The one model this server serves")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card(server)]}
+
+    @app.get("/v1/models/{model:path}", summary="One model")
+    async def model(model: str) -> dict:
+        server.check_model(model)
+        return model_card(server)
+
+    @app.post("/v1/completions", summary="OpenAI completions: continue a prompt")
+    async def completions(body: CompletionRequest):
+        server.check_model(body.model)
+        check_unsupported(body)
+        prompts = server.prompt_ids(body.prompt)
+        max_tokens = [
+            server.max_tokens(body.max_tokens, len(p), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens") for p in prompts
+        ]
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        choices = server.submit(
+            body,
+            prompts,
+            max_tokens,
+            stop,
+            logprobs=body.logprobs,
+            prompt_logprobs=bool(body.echo and body.logprobs is not None),
+        )
+        reply = CompletionReply(server, body, choices)
+        if body.stream:
+            return StreamingResponse(reply.stream(), media_type="text/event-stream")
+        return await reply.collect()
+
+    @app.post(
+        "/v1/chat/completions", summary="OpenAI chat completions: reply to a conversation (the model's chat template)"
+    )
+    async def chat_completions(body: ChatRequest):
+        server.check_model(body.model)
+        check_unsupported(body)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        ids = server.chat_ids(body)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = server.max_tokens(asked, len(ids), None, "max_completion_tokens")
+        stop = ([body.stop] if isinstance(body.stop, str) else list(body.stop or [])) + server.template_stops
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        choices = server.submit(body, [ids], [max_tokens], stop, logprobs=logprobs)
+        reply = ChatReply(server, body, choices)
+        if body.stream:
+            return StreamingResponse(reply.stream(), media_type="text/event-stream")
+        return await reply.collect()
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        page = resources.files("kvgen.server").joinpath("playground.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("__MODEL__", json.dumps(model_name)))
+
+    schema_of = app.openapi
+
+    def openapi() -> dict:
+        """The generated schema, naming the one model served (clients and fuzzers then send it)."""
+        schema = schema_of()
+        for name in ("CompletionRequest", "ChatRequest"):
+            schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
+        return schema
+
+    app.openapi = openapi
+    return app
+
+
+def check_unsupported(body) -> None:
+    refused = unsupported(body)
+    if refused is not None:
+        raise APIError(400, refused[1], param=refused[0])
+
+
+def model_card(server: Server) -> dict:
+    return {
+        "id": server.model_name,
+        "object": "model",
+        "created": server.created,
+        "owned_by": "kvgen",
+        "max_model_len": server.engine.context_length,
+    }
+
+
+class _Reply:
+    """A response under construction from the choices' events: collected whole, or streamed."""
+
+    object = ""
+    chunk_object = ""
+    id_prefix = ""
+
+    def __init__(self, server: Server, body, choices: list[Choice]) -> None:
+        self.server, self.body, self.choices = server, body, choices
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def token_text(self, token_id: int) -> str:
+        return self.server.lm.tokenizer.decode(
+            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    def head(self, object: str) -> dict:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.server.model_name}
+
+    async def collect(self) -> dict:
+        async for _ in events(self.choices):
+            pass
+        failed = [c.error for c in self.choices if c.error]
+        if failed:
+            raise server_error(failed[0])
+        return {
+            **self.head(self.object),
+            "choices": [self.choice(c) for c in self.choices],
+            "usage": usage(self.choices),
+            "system_fingerprint": None,
+        }
+
+    async def stream(self) -> AsyncIterator[str]:
+        async for choice, event in events(self.choices):
+            if isinstance(event, Failed):
+                yield sse({"error": error_doc(event.message)})
+                continue
+            for delta in self.deltas(choice, event):
+                chunk = {**self.head(self.chunk_object), "choices": [delta], "system_fingerprint": None}
+                if self.include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+        if self.include_usage:
+            yield sse({**self.head(self.chunk_object), "choices": [], "usage": usage(self.choices)})
+        yield sse("[DONE]")
+
+
+def error_doc(message: str) -> dict:
+    e = server_error(message)
+    return {"message": e.message, "type": e.type, "param": None, "code": None}
+
+
+class CompletionReply(_Reply):
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def logprobs(self, entries: list[tuple[int, float | None, list]], offset: int) -> dict:
+        """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        tokens = [self.token_text(t) for t, _, _ in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if lp is None else {self.token_text(i): v for i, v in top} for _, lp, top in entries],
+            "text_offset": offsets,
+        }
+
+    def prompt_entries(self, choice: Choice) -> list[tuple[int, float | None, list]]:
+        scored = choice.started.prompt_logprobs or [(None, [])] * len(choice.prompt_ids)
+        return [(t, lp, top) for t, (lp, top) in zip(choice.prompt_ids, scored)]
+
+    def prompt_text(self, choice: Choice) -> str:
+        return self.server.lm.tokenizer.decode(
+            choice.prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def choice(self, c: Choice) -> dict:
+        text = c.text
+        logprobs = None
+        if self.body.logprobs is not None:
+            entries = [(t.token_id, t.logprob, t.top_logprobs) for t in c.tokens]
+            if self.body.echo:
+                entries = self.prompt_entries(c) + entries
+            logprobs = self.logprobs(entries, 0)
+        if self.body.echo:
+            text = self.prompt_text(c) + text
+        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def deltas(self, choice: Choice, event: Event) -> list[dict]:
+        if isinstance(event, Started):
+            if not self.body.echo:
+                return []
+            logprobs = self.logprobs(self.prompt_entries(choice), 0) if self.body.logprobs is not None else None
+            return [
+                {"index": choice.index, "text": self.prompt_text(choice), "logprobs": logprobs, "finish_reason": None}
+            ]
+        if not (event.text or event.finish_reason or self.body.logprobs is not None):
+            return []
+        logprobs = None
+        if self.body.logprobs is not None:
+            done = len(self.prompt_text(choice)) if self.body.echo else 0
+            offset = done + sum(len(self.token_text(t.token_id)) for t in choice.tokens[:-1])
+            logprobs = self.logprobs([(event.token_id, event.logprob, event.top_logprobs)], offset)
+        return [{"index": choice.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}]
+
+
+class ChatReply(_Reply):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def token_logprob(self, token_id: int, logprob: float, top: list) -> dict:
+        def entry(i: int, lp: float) -> dict:
+            text = self.token_text(i)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {**entry(token_id, logprob), "top_logprobs": [entry(i, lp) for i, lp in top]}
+
+    def logprobs(self, tokens: list[Token]) -> dict | None:
+        if not self.body.logprobs:
+            return None
+        return {"content": [self.token_logprob(t.token_id, t.logprob, t.top_logprobs) for t in tokens], "refusal": None}
+
+    def choice(self, c: Choice) -> dict:
+        return {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None, "tool_calls": []},
+            "logprobs": self.logprobs(c.tokens),
+            "finish_reason": c.finish_reason,
+        }
+
+    def deltas(self, choice: Choice, event: Event) -> list[dict]:
+        if isinstance(event, Started):
+            return [
+                {
+                    "index": choice.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        out = []
+        if event.text or self.body.logprobs:
+            logprobs = self.logprobs([event])
+            out.append(
+                {"index": choice.index, "delta": {"content": event.text}, "logprobs": logprobs, "finish_reason": None}
+            )
+        if event.finish_reason:
+            out.append({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason})
+        return out
+
+
+def prometheus_text(engine: Engine) -> str:
+    """The engine's counters in Prometheus' text exposition format."""
+    m = engine.metrics
+    cache = engine.prefix_cache
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP kvgen_{name} {help}", f"# TYPE kvgen_{name} {kind}"])
+        lines.extend(f"kvgen_{name}{labels} {value}" for labels, value in samples)
+
+    metric("requests_total", "counter", "Requests that left the engine, by outcome.",
+           [(f'{{outcome="{k}"}}', v) for k, v in m.requests.items()])  # fmt: skip
+    metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", m.prompt_tokens)])
+    metric(
+        "cached_prompt_tokens_total", "counter", "Prompt tokens reused from the prefix cache.", [("", m.cached_tokens)]
+    )
+    metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generated_tokens)])
+    metric("queue_depth", "gauge", "Requests waiting for a batch row.", [("", len(engine.waiting))])
+    metric("running_requests", "gauge", "Requests holding a batch row.", [("", engine.running)])
+    metric("batch_size", "gauge", "Rows decoded together in the last decode step.", [("", m.batch_size)])
+    metric("batch_size_max", "gauge", "Most rows ever decoded together in one step.", [("", m.max_batch_size)])
+    metric("decode_steps_total", "counter", "Decode steps (one forward for the whole batch).", [("", m.decode_steps)])
+    metric(
+        "decode_rows_total",
+        "counter",
+        "Rows over all decode steps (divide by steps: mean batch).",
+        [("", m.batch_rows)],
+    )
+    metric("generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
+           [("", round(m.tokens_per_second(), 3))])  # fmt: skip
+    if cache is not None:
+        metric("prefix_cache_bytes", "gauge", "Bytes of KV held by the prefix cache.", [("", cache.nbytes)])
+        metric("prefix_cache_entries", "gauge", "Token streams held by the prefix cache.", [("", len(cache))])
+    return "\n".join(lines) + "\n"

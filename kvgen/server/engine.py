@@ -1,0 +1,364 @@
+"""The continuous-batching engine: one thread owns the model and runs a step loop.
+
+Requests arrive through `submit` (a bounded queue) and join the running batch at a step
+boundary: each is prefilled alone, continuing the longest cached prefix of its prompt
+(`PrefixCache`), and its keys and values are copied into a free row of a `RowLayerCache`, where
+every row has its own write index. Each step then decodes one token for every busy row in one
+forward; each row samples with its own `SamplingParams` and `torch.Generator`. A row leaves when
+it finishes or its client goes away (`EngineRequest.cancel`), and its stream is kept in the prefix
+cache. Results go out through each request's `emit` callback, called on the engine thread.
+
+The engine never knows the architecture (only `model(tokens, positions, cache)` and
+`cache_layout()`), and an error inside one request fails that request only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..api import LM, _Row
+from ..cache import DynamicLayerCache, RowLayerCache
+from ..generate import decode_one, prefill
+from ..sampling import SamplingParams, presence_frequency_penalty, sample_rows
+from .prefix_cache import PrefixCache
+
+log = logging.getLogger("kvgen.server")
+
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+@dataclass
+class Started:
+    """A request's prompt is in the batch: how long it is and how much of it came from the prefix cache."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None  # per prompt token (first: None)
+
+
+@dataclass
+class Token:
+    """One generated token: the text it adds (may be empty), its log-probability, and why the row ended."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None  # of the chosen token under the model's raw distribution
+    top_logprobs: TopLogprobs | None = None
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last token
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Started | Token | Failed
+
+
+@dataclass
+class EngineRequest:
+    """One row's worth of work: a tokenized prompt and how to sample its continuation."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[Event], None]  # called on the engine thread
+    params: SamplingParams = field(default_factory=SamplingParams)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_at_eos: bool = True
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely ones
+    prompt_logprobs: bool = False  # also score the prompt (completions' echo + logprobs); skips the prefix cache
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """The client went away: the row is freed at the next step boundary."""
+        self.cancelled = True
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Metrics:
+    """Counters the engine keeps and /metrics prints (Prometheus text format)."""
+
+    def __init__(self) -> None:
+        self.requests = {"finished": 0, "failed": 0, "cancelled": 0}
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.generated_tokens = 0
+        self.decode_steps = 0
+        self.batch_rows = 0  # sum over decode steps of the rows decoded together
+        self.max_batch_size = 0
+        self.batch_size = 0  # the last step's
+        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 10 s of steps
+
+    def step(self, rows: int, tokens: int) -> None:
+        now = time.monotonic()
+        self.decode_steps += rows > 0
+        self.batch_rows += rows
+        self.batch_size = rows
+        self.max_batch_size = max(self.max_batch_size, rows)
+        self.generated_tokens += tokens
+        self.recent.append((now, tokens))
+        while self.recent and self.recent[0][0] < now - 10:
+            self.recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        recent = list(self.recent)
+        if not recent:
+            return 0.0
+        span = max(time.monotonic() - recent[0][0], 1e-3)
+        return sum(n for _, n in recent) / span if time.monotonic() - recent[-1][0] < 2 else 0.0
+
+
+class _Active:
+    """A request holding a row: its sampling state and what it has generated so far."""
+
+    def __init__(self, lm: LM, request: EngineRequest, row: int, vocab: int, device: torch.device) -> None:
+        self.request, self.row = request, row
+        self.text = _Row(lm, request.prompt_ids, request.stop, request.stop_at_eos)
+        self.generated: list[int] = []
+        self.position = len(request.prompt_ids)  # of the next token fed
+        self.generator = request.params.generator(device)
+        penalised = request.params.repetition_penalty != 1.0
+        self.history = torch.tensor([request.prompt_ids], device=device) if penalised else None  # (1, L)
+        penalties = request.presence_penalty or request.frequency_penalty
+        self.counts = torch.zeros(1, vocab, device=device) if penalties else None  # generated tokens only
+
+
+class Engine:
+    """Owns the model; runs requests in a continuously refilled batch of at most `max_batch` rows."""
+
+    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 256, prefix_cache_bytes: int = 256 * 2**20) -> None:
+        if lm.backend != "native":
+            raise ValueError("the server needs the native backend")
+        self.lm, self.model = lm, lm.model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.layout = self.model.cache_layout()
+        self.cache = [RowLayerCache(max_batch, shape, lm.dtype, lm.device) for shape in self.layout]
+        self.rows: list[_Active | None] = [None] * max_batch
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.waiting: deque[EngineRequest] = deque()
+        self.metrics = Metrics()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kvgen-engine", daemon=True)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
+
+    @property
+    def running(self) -> int:
+        return sum(a is not None for a in self.rows)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request; it joins the batch at the next step with a free row. QueueFull past `max_queue`."""
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self._wake.notify()
+
+    # The loop -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self._leave_cancelled()
+                self._admit()
+                if self.running:
+                    self._decode_step()
+            except Exception:  # a bug in the loop's own bookkeeping: fail who is running, keep serving
+                log.exception("engine step failed")
+                self._fail_all("internal error in the engine step")
+
+    def _leave_cancelled(self) -> None:
+        for active in self.rows:
+            if active is not None and active.request.cancelled:
+                self._release(active, "cancelled")
+
+    def _admit(self) -> None:
+        """Fill free rows from the queue, prefilling each new request on its own."""
+        while None in self.rows:
+            with self._wake:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                self.metrics.requests["cancelled"] += 1
+                continue
+            row = self.rows.index(None)
+            try:
+                self._prefill(request, row)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail(request, row, f"prefill failed: {type(e).__name__}: {e}")
+
+    def _prefill(self, request: EngineRequest, row: int) -> None:
+        ids = request.prompt_ids
+        keep, held = 0, None
+        if self.prefix_cache is not None and not request.prompt_logprobs:
+            keep, held = self.prefix_cache.lookup(ids)
+        # Whole-stream caches for every layer, sliding ones included: the mask does the windowing, and
+        # the stream can then go into the prefix cache whole.
+        layers = [DynamicLayerCache() for _ in self.layout]
+        if held is not None:
+            for cache, (k, v) in zip(layers, held):
+                cache.update(k, v, torch.arange(keep, device=k.device)[None])
+        device = self.lm.device
+        tokens = torch.tensor([ids[keep:]], device=device)  # (1, T)
+        positions = torch.arange(keep, len(ids), device=device)[None]
+        prompt_logprobs = None
+        with torch.no_grad():
+            if request.prompt_logprobs:
+                every = self.model(tokens, positions, layers, all_logits=True)[0]  # (T, vocab)
+                logits = every[-1:]
+                prompt_logprobs = [(None, [])] + self._logprobs(every[:-1], ids[1:], request.logprobs or 0)
+            else:
+                logits = prefill(self.model, tokens, positions, layers)  # (1, vocab)
+        for row_cache, cache in zip(self.cache, layers):
+            row_cache.put(row, cache.keys, cache.values, cache.positions)
+        active = _Active(self.lm, request, row, logits.shape[-1], device)
+        self.rows[row] = active
+        self.metrics.prompt_tokens += len(ids)
+        self.metrics.cached_tokens += keep
+        request.emit(Started(len(ids), keep, prompt_logprobs))
+        self._advance([active], logits)
+        self.metrics.step(0, 1)
+
+    def _decode_step(self) -> None:
+        """One forward for every busy row; idle rows below the highest busy one ride along at position -1."""
+        busy = [a for a in self.rows if a is not None]
+        width = max(a.row for a in busy) + 1
+        device = self.lm.device
+        tokens = torch.zeros(width, dtype=torch.long, device=device)
+        positions = torch.full((width,), -1, dtype=torch.long, device=device)
+        for a in busy:
+            tokens[a.row], positions[a.row] = a.generated[-1], a.position
+        try:
+            logits = decode_one(self.model, tokens, positions, self.cache)  # (width, vocab)
+        except Exception as e:
+            log.exception("decode step failed")
+            self._fail_all(f"decode failed: {type(e).__name__}: {e}")
+            return
+        for a in busy:
+            a.position += 1
+        self._advance(busy, logits[[a.row for a in busy]])
+        self.metrics.step(len(busy), len(busy))
+
+    def _advance(self, rows: list[_Active], logits: Tensor) -> None:
+        """Sample each row's next token from its (vocab,) logits and hand it to its request."""
+        raw = logits
+        logits = logits.float().clone()
+        for i, a in enumerate(rows):
+            r = a.request
+            if a.counts is not None:
+                logits[i] = presence_frequency_penalty(logits[i], a.counts[0], r.presence_penalty, r.frequency_penalty)
+        try:
+            chosen = sample_rows(
+                logits, [a.request.params for a in rows], [a.generator for a in rows], [a.history for a in rows]
+            ).tolist()
+        except Exception:  # settings that sample badly fail alone: sample row by row to find them
+            chosen = []
+            for i, a in enumerate(rows):
+                try:
+                    chosen.append(sample_rows(logits[i : i + 1], [a.request.params], [a.generator], [a.history])[0])
+                except Exception as e:
+                    chosen.append(None)
+                    self._fail(a.request, a.row, f"sampling failed: {type(e).__name__}: {e}")
+        wanting = [i for i, a in enumerate(rows) if a.request.logprobs is not None]
+        logprobs = raw[wanting].float().log_softmax(dim=-1) if wanting else None
+        for i, (a, token) in enumerate(zip(rows, chosen)):
+            if token is None:
+                continue
+            try:
+                lp = (
+                    (None, None) if a.request.logprobs is None else self._top(logprobs[wanting.index(i)], int(token), a)
+                )
+                self._take(a, int(token), *lp)
+            except Exception as e:  # a failing consumer (emit) or decoder fails its own request only
+                log.exception("request failed")
+                self._fail(a.request, a.row, f"{type(e).__name__}: {e}")
+
+    def _top(self, logprobs: Tensor, token: int, a: _Active) -> tuple[float, TopLogprobs]:
+        k = a.request.logprobs
+        top = logprobs.topk(k) if k else None
+        alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return float(logprobs[token]), alternatives
+
+    def _logprobs(self, logits: Tensor, targets: list[int], k: int) -> list[tuple[float, TopLogprobs]]:
+        """Each target's log-probability under the (T, vocab) logits before it, with the k most likely."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        chosen = logprobs.gather(-1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        if not k:
+            return [(c, []) for c in chosen]
+        top = logprobs.topk(k, dim=-1)
+        return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
+
+    def _take(self, a: _Active, token: int, logprob: float | None, top: TopLogprobs | None) -> None:
+        a.generated.append(token)
+        response = a.text.add(token, last_step=len(a.generated) == a.request.max_tokens)
+        finish = {"eos": "stop", "stop": "stop", "length": "length"}.get(response.finish_reason)
+        if a.history is not None:
+            a.history = torch.cat([a.history, a.history.new_tensor([[token]])], dim=1)
+        if a.counts is not None:
+            a.counts[0, token] += 1
+        if finish is not None:  # freed before the client hears of it, so the next request finds the row
+            self._release(a, "finished")
+        a.request.emit(Token(token, response.text, logprob, top, finish))
+
+    # Leaving the batch --------------------------------------------------------------------------
+
+    def _release(self, a: _Active, outcome: str) -> None:
+        """Free a row; its stream (prompt + every token fed back) goes to the prefix cache."""
+        if self.prefix_cache is not None and self.rows[a.row] is a:
+            fed = a.request.prompt_ids + a.generated[:-1]
+            held = [cache.row(a.row) for cache in self.cache]
+            if held and held[0][0].shape[2] == len(fed):
+                self.prefix_cache.store(fed, [(k, v) for k, v, _ in held])
+        self._free(a.row)
+        self.metrics.requests[outcome] += 1
+
+    def _free(self, row: int) -> None:
+        for cache in self.cache:
+            cache.clear(row)
+        self.rows[row] = None
+
+    def _fail(self, request: EngineRequest, row: int, message: str) -> None:
+        if self.rows[row] is not None and self.rows[row].request is request:
+            self._free(row)
+        self.metrics.requests["failed"] += 1
+        try:
+            request.emit(Failed(message))
+        except Exception:
+            log.exception("could not report a failure")
+
+    def _fail_all(self, message: str) -> None:
+        for active in self.rows:
+            if active is not None:
+                self._fail(active.request, active.row, message)

@@ -1,0 +1,99 @@
+"""Request bodies of the OpenAI API, as pydantic models: types and ranges checked before any work.
+
+Wrong types are refused, never coerced (`strict`), and so are unknown fields, as OpenAI's API
+does ("Unrecognized request argument supplied"). Fields OpenAI knows that change nothing here
+(`user`, `store`, `metadata`, ...) are accepted and ignored; fields whose effect this server does
+not provide (`logit_bias`, `tools`, `suffix`, ...) are accepted only at their neutral value and
+refused otherwise (`unsupported`), so a request is never silently misread.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Stop = str | Annotated[list[str], Field(max_length=4)] | None  # OpenAI takes up to 4 stop strings
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields both endpoints share: OpenAI's, plus vLLM's top_k, min_p, repetition_penalty and ignore_eos."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="vLLM's: 0 or -1 = off")
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: Stop = None
+    n: int | None = Field(None, ge=1, le=16)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as by OpenAI
+    logit_bias: dict[str, float] | None = None  # unsupported unless empty
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text, texts, token ids")
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    suffix: str | None = None  # unsupported
+    best_of: int | None = Field(None, ge=1, le=16)  # only best_of == n is supported
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    store: bool | None = None  # ignored: nothing is stored
+    metadata: dict[str, str] | None = None  # ignored
+    service_tier: str | None = None  # ignored
+    parallel_tool_calls: bool | None = None  # ignored without tools
+    tools: list[dict[str, Any]] | None = None  # unsupported unless empty
+    tool_choice: str | dict[str, Any] | None = None  # only "none"
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    modalities: list[str] | None = None  # only ["text"]
+
+
+def unsupported(body: _Sampling) -> tuple[str, str] | None:
+    """(field, message) for the first field set to something this server cannot do, else None."""
+    checks = [
+        ("logit_bias", bool(body.logit_bias)),
+        ("suffix", getattr(body, "suffix", None) is not None),
+        ("best_of", getattr(body, "best_of", None) not in (None, body.n or 1)),
+        ("tools", bool(getattr(body, "tools", None))),
+        ("tool_choice", getattr(body, "tool_choice", None) not in (None, "none")),
+        ("response_format", getattr(body, "response_format", None) not in (None, {"type": "text"})),
+        ("modalities", getattr(body, "modalities", None) not in (None, ["text"])),
+    ]
+    for name, refused in checks:
+        if refused:
+            return name, f"'{name}' with this value is not supported by this server (kvgen)"
+    return None
