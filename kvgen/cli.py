@@ -1,4 +1,4 @@
-"""`kvgen` on the command line: generate, compare, trace, chat, perplexity, convert, info.
+"""`kvgen` on the command line: generate, compare, trace, chat, perplexity, serve, bench, convert, info.
 
 Bad input (a missing model, an unknown flag value, an empty prompt, a context overflow) prints one
 line on stderr and exits with status 2, never a traceback.
