@@ -270,23 +270,11 @@ def memory_bandwidth_gb_s(threads: int, gib: int = 1, repeats: int = 5) -> float
 
 def machine_info(threads: int, gb_s: float) -> dict:
     """The processor, its relevant instruction sets, the software versions, and the measured bandwidth."""
-    import platform
-
     import transformers
 
-    from .loading.dtype import FEATURES
+    from .loading.dtype import FEATURES, cpu_name_and_flags
 
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    name, flags = cpu_name_and_flags()
     return dict(
         cpu=name,
         logical_cpus=os.cpu_count(),

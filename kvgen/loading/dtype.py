@@ -39,9 +39,8 @@ def _seconds_per_matvec(dtype: torch.dtype, repeats: int = 5) -> float:
 FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 
 
-def _processor() -> str:
-    """The CPU's model name and the features that matter here: the name alone ("AMD EPYC") can
-    cover processors with and without AVX-512 bfloat16 instructions."""
+def cpu_name_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and instruction-set flags, from /proc/cpuinfo where there is one."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -53,6 +52,13 @@ def _processor() -> str:
                 break
     except OSError:
         pass
+    return name, flags
+
+
+def _processor() -> str:
+    """The CPU's model name and the features that matter here: the name alone ("AMD EPYC") can
+    cover processors with and without AVX-512 bfloat16 instructions."""
+    name, flags = cpu_name_and_flags()
     return " ".join([name, *(f for f in FEATURES if f in flags)])
 
 
