@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .api import BACKENDS, LM, Response, Result, Timings
-from .loading import default_model, load_native, read_config, resolve_model
+from .loading import default_model, load_native, read_config, resolve_model, return_freed_memory
 from .loading.dtype import resolve_dtype
 from .sampling import SamplingParams
 
@@ -61,6 +61,7 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:
         raise ValueError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    return_freed_memory()
     if backend == "hf":
         from .hf import load_hf
 

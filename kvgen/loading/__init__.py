@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,18 @@ def model_info(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
         types = ", ".join(f"{name} x{count}" for name, count in sorted(record["tensor_types"].items()))
         info["converted_from"] = f"{record['source']} ({record['architecture']}: {types})"
     return info
+
+
+def return_freed_memory() -> None:
+    """Hand the heap that the C allocator freed but kept back to the operating system (glibc only).
+
+    Parsing a large tokenizer.json leaves its scratch memory freed but resident: for Gemma 3's
+    262k-token tokenizer, 180 MB of the 470 MB the load took (measured: RSS 522 MB before
+    `malloc_trim`, 340 MB after), which would otherwise count in every process's footprint.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to hand back
+        pass
