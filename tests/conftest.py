@@ -27,3 +27,19 @@ def gemma270m(tmp_path_factory) -> tuple[Path, Path]:
 
     path = default_model()
     return path, convert_gguf(path, cache_dir=tmp_path_factory.mktemp("real-cache"), progress=False)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `kvgen ARGS...` in-process -> (exit status, stdout, stderr)."""
+    from kvgen.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

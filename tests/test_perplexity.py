@@ -11,7 +11,6 @@ import torch
 from parity import hf_model
 
 import kvgen
-from kvgen.cli import main
 from kvgen.perplexity import long_text, moving_average, perplexity, running_log_perplexity, token_nlls
 from kvgen.testing import TRAINING_TEXT, build_gemma3, build_llama
 
@@ -137,16 +136,7 @@ def test_scoring_every_kth_token_samples_the_full_run(llama, ids, policy):
     assert full.steps == 59
 
 
-def cli(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_table_json_and_plot(capsys, tmp_path, llama):
+def test_cli_table_json_and_plot(cli, tmp_path, llama):
     from matplotlib.image import imread
 
     folder, _ = llama
@@ -154,7 +144,6 @@ def test_cli_table_json_and_plot(capsys, tmp_path, llama):
     text.write_text(TRAINING_TEXT, encoding="utf-8")
     out_json, out_png = tmp_path / "ppl.json", tmp_path / "ppl.png"
     code, out, err = cli(
-        capsys,
         "perplexity", text, "-m", folder, "--cache", "dense,window", "--cache", "sink", "--cache", "recompute",
         "--window", 20, "--sinks", 2, "--max-tokens", 100, "--json", out_json, "--plot", out_png,
     )  # fmt: skip
@@ -176,7 +165,7 @@ def test_cli_table_json_and_plot(capsys, tmp_path, llama):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.stdin", io.StringIO(TRAINING_TEXT))
         code, out, err = cli(
-            capsys, "perplexity", "-", "-m", folder, "--cache", "sink,recompute", "--max-tokens", 150, "--every", 10,
+             "perplexity", "-", "-m", folder, "--cache", "sink,recompute", "--max-tokens", 150, "--every", 10,
             "--json", out_json,
         )  # fmt: skip
     assert code == 0 and "150 tokens, every 10th" in out and "note" not in err
@@ -184,20 +173,20 @@ def test_cli_table_json_and_plot(capsys, tmp_path, llama):
     assert doc["every"] == 10 and [r["scored"] for r in doc["runs"]] == [list(range(10, 150, 10))] * 2
 
 
-def test_the_built_in_long_text(capsys, tmp_path, llama):
+def test_the_built_in_long_text(cli, tmp_path, llama):
     """Shakespeare, shipped offline by a package: long, plain (no Markdown marks), and the default FILE."""
     text = long_text()
     assert len(text) > 500_000 and "To be, or not to be" in text and "Out, damned spot" in text
     assert "**" not in text and "\n#" not in text and not any(line.endswith(" ") for line in text.splitlines())
     folder, _ = llama
     out_json = tmp_path / "ppl.json"
-    code, _, err = cli(capsys, "perplexity", "-m", folder, "--cache", "sink", "--max-tokens", 80, "--json", out_json)
+    code, _, err = cli("perplexity", "-m", folder, "--cache", "sink", "--max-tokens", 80, "--json", out_json)
     assert code == 0, err
     (run,) = json.loads(out_json.read_text())["runs"]
     assert run["tokens"] == 79 and math.isfinite(run["perplexity"])
 
 
-def test_cli_refusals(capsys, tmp_path, llama, gpt2_tiny):
+def test_cli_refusals(cli, tmp_path, llama, gpt2_tiny):
     folder, _ = llama
     text, empty, short = tmp_path / "book.txt", tmp_path / "empty.txt", tmp_path / "short.txt"
     text.write_text(TRAINING_TEXT, encoding="utf-8")
@@ -218,10 +207,10 @@ def test_cli_refusals(capsys, tmp_path, llama, gpt2_tiny):
         (text, "-m", folder, "--json", tmp_path / "no" / "such" / "folder.json"),
     ]
     for case in cases:
-        code, _, err = cli(capsys, "perplexity", *case)
+        code, _, err = cli("perplexity", *case)
         assert code == 2 and err.startswith("kvgen") and "error" in err and err.count("\n") == 1, (case, err)
     for policy in ("sink", "window"):
-        code, _, err = cli(capsys, "perplexity", text, "-m", gpt2_tiny, "--cache", f"dense,{policy}")
+        code, _, err = cli("perplexity", text, "-m", gpt2_tiny, "--cache", f"dense,{policy}")
         assert code == 2 and "learned absolute position" in err
-    code, out, _ = cli(capsys, "perplexity", text, "-m", gpt2_tiny, "--cache", "dense,recompute", "--window", 30)
+    code, out, _ = cli("perplexity", text, "-m", gpt2_tiny, "--cache", "dense,recompute", "--window", 30)
     assert code == 0 and "recompute" in out  # a fresh forward per token needs no movable keys

@@ -16,7 +16,6 @@ from parity import hf_model
 
 import kvgen
 from kvgen.cache import LayerShape, SinkLayerCache, make_cache
-from kvgen.cli import main
 from kvgen.generate import generate_tokens
 from kvgen.testing import build_gemma3, build_llama, build_qwen3
 
@@ -172,24 +171,15 @@ def test_refusals(gpt2_tiny, llama64):
         assert result.token_ids == llama64.generate(prompt, 5, stop_at_eos=False).token_ids
 
 
-def cli(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli(capsys, tmp_path, gpt2_tiny):
+def test_cli(cli, tmp_path, gpt2_tiny):
     folder = build_llama(tmp_path, max_position_embeddings=64)
     args = ("generate", "It was", "-m", folder, "--dtype", "float32", "--ignore-eos", "--cache", "sink")
-    code, out, _ = cli(capsys, *args, "-n", 150, "--sink-tokens", 2, "--window", 30, "--json")
+    code, out, _ = cli(*args, "-n", 150, "--sink-tokens", 2, "--window", 30, "--json")
     assert code == 0 and len(json.loads(out)["token_ids"]) == 150
     for bad in (("--window", 0), ("--sink-tokens", -1), ("--window", 70), ("--window", "x")):
-        code, _, err = cli(capsys, *args, *bad)
+        code, _, err = cli(*args, *bad)
         assert code == 2 and "error" in err
-    code, _, err = cli(capsys, "generate", "It was", "-m", gpt2_tiny, "--cache", "sink")
+    code, _, err = cli("generate", "It was", "-m", gpt2_tiny, "--cache", "sink")
     assert code == 2 and "learned absolute position" in err
 
 
