@@ -165,7 +165,7 @@ def test_cli_table_json_and_plot(cli, tmp_path, llama):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.stdin", io.StringIO(TRAINING_TEXT))
         code, out, err = cli(
-             "perplexity", "-", "-m", folder, "--cache", "sink,recompute", "--max-tokens", 150, "--every", 10,
+            "perplexity", "-", "-m", folder, "--cache", "sink,recompute", "--max-tokens", 150, "--every", 10,
             "--json", out_json,
         )  # fmt: skip
     assert code == 0 and "150 tokens, every 10th" in out and "note" not in err
