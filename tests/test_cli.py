@@ -6,42 +6,30 @@ import sys
 
 import pytest
 
-from kvgen.cli import main
 
-
-def run(capsys, *args):
-    """Run the CLI in-process -> (exit status, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own exits
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_generate_json_has_exactly_n_tokens(capsys, gpt2_tiny):
-    code, out, _ = run(capsys, "generate", "It was the best", "-m", gpt2_tiny, "-n", 17, "--ignore-eos", "--json")
+def test_generate_json_has_exactly_n_tokens(cli, gpt2_tiny):
+    code, out, _ = cli("generate", "It was the best", "-m", gpt2_tiny, "-n", 17, "--ignore-eos", "--json")
     doc = json.loads(out)
     assert code == 0 and len(doc["token_ids"]) == 17 and doc["finish_reason"] == "length"
     assert set(doc) == {"text", "token_ids", "prompt_ids", "finish_reason", "timings"}
     assert doc["timings"]["decode_tok_s"] > 0
 
 
-def test_generate_streams_text_and_timings(capsys, gpt2_tiny):
+def test_generate_streams_text_and_timings(cli, gpt2_tiny):
     args = ("generate", "Call me", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--dtype", "float32")
-    code, out, err = run(capsys, *args, "--cache", "static")
-    code_json, doc, _ = run(capsys, *args, "--json")
+    code, out, err = cli(*args, "--cache", "static")
+    code_json, doc, _ = cli(*args, "--json")
     assert code == code_json == 0
     assert out == json.loads(doc)["text"] + "\n"
     assert "decode 12 tok" in err and "[length]" in err
 
 
-def test_compare_reports_identical(capsys, gpt2_tiny):
-    code, out, _ = run(capsys, "compare", "It was the best", "-m", gpt2_tiny, "-n", 48, "--ignore-eos", "--json")
+def test_compare_reports_identical(cli, gpt2_tiny):
+    code, out, _ = cli("compare", "It was the best", "-m", gpt2_tiny, "-n", 48, "--ignore-eos", "--json")
     doc = json.loads(out)
     assert code == 0 and doc["identical"] and doc["first_difference"] is None
     assert doc["hf"]["token_ids"] == doc["native"]["token_ids"] and len(doc["native"]["token_ids"]) == 48
-    code, out, _ = run(capsys, "compare", "It was the best", "-m", gpt2_tiny, "-n", 8)
+    code, out, _ = cli("compare", "It was the best", "-m", gpt2_tiny, "-n", 8)
     assert code == 0 and "identical" in out and "way 1" in out and "way 2" in out
 
 
@@ -63,10 +51,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_is_one_line_exit_2(capsys, gpt2_tiny, tmp_path, case):
+def test_bad_input_is_one_line_exit_2(cli, gpt2_tiny, tmp_path, case):
     args, message = BAD[case]
     args = [a.format(tmp=tmp_path, model=gpt2_tiny) for a in args]
-    code, _, err = run(capsys, *args)
+    code, _, err = cli(*args)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err

@@ -4,7 +4,6 @@ untraced run keeps no records."""
 import json
 
 import pytest
-from test_cli import run
 
 import kvgen
 import kvgen.generate
@@ -118,9 +117,8 @@ def assert_png(path, width, height):
     assert rgb.std() > 0.05 and (rgb.mean(-1) < 0.9).mean() > 0.01  # not blank: drawn lines and text
 
 
-def test_cli_trace_table_json_plot(capsys, gemma3_folder, tmp_path):
-    code, out, _ = run(
-        capsys,
+def test_cli_trace_table_json_plot(cli, gemma3_folder, tmp_path):
+    code, out, _ = cli(
         "trace",
         PROMPT,
         "-m",
@@ -156,9 +154,8 @@ def test_cli_trace_table_json_plot(capsys, gemma3_folder, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
 
 
-def test_cli_attention_plot(capsys, gemma3_folder, tmp_path):
-    code, _, _ = run(
-        capsys,
+def test_cli_attention_plot(cli, gemma3_folder, tmp_path):
+    code, _, _ = cli(
         "trace",
         PROMPT,
         "-m",
@@ -186,9 +183,8 @@ def test_cli_attention_plot(capsys, gemma3_folder, tmp_path):
     assert_png(tmp_path / "a.png", 700, 150 + 25 * N)
 
 
-def test_cli_compare_caches(capsys, gpt2_tiny, tmp_path):
-    code, out, _ = run(
-        capsys,
+def test_cli_compare_caches(cli, gpt2_tiny, tmp_path):
+    code, out, _ = cli(
         "compare",
         PROMPT,
         "-m",
@@ -207,7 +203,7 @@ def test_cli_compare_caches(capsys, gpt2_tiny, tmp_path):
     assert doc["results"]["dynamic"]["token_ids"] == doc["results"]["static"]["token_ids"]
     assert doc["peak_cache_bytes"]["static"] >= doc["peak_cache_bytes"]["dynamic"]
     assert_png(tmp_path / "c.png", 900, 340)
-    code, out, _ = run(capsys, "compare", PROMPT, "-m", gpt2_tiny, "-n", 4, "--caches", "static,dynamic")
+    code, out, _ = cli("compare", PROMPT, "-m", gpt2_tiny, "-n", 4, "--caches", "static,dynamic")
     assert code == 0 and "identical" in out and "static cache" in out
 
 
@@ -256,15 +252,15 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_is_one_line_exit_2(capsys, gpt2_tiny, tmp_path, case):
+def test_bad_input_is_one_line_exit_2(cli, gpt2_tiny, tmp_path, case):
     args, message = BAD[case]
-    code, _, err = run(capsys, *[a.format(tmp=tmp_path, model=gpt2_tiny) for a in args])
+    code, _, err = cli(*[a.format(tmp=tmp_path, model=gpt2_tiny) for a in args])
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert layers.attention_probe is None
 
 
-def test_docs_script_writes_the_page(gemma3_folder, tmp_path, capsys):
+def test_docs_script_writes_the_page(gemma3_folder, tmp_path, cli):
     """scripts/how_generation_works.py on the tiny Gemma 3: real shapes in the page, plots beside it."""
     import runpy
     from pathlib import Path
