@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from .api import BACKENDS, LM, Response, Result, Timings
+from .fast import speed_up
 from .loading import default_model, load_native, read_config, resolve_model, return_freed_memory
-from .loading.dtype import resolve_dtype
+from .loading.dtype import packing_pays, resolve_dtype
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ def load(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     backend: str = "native",
+    fast: bool = True,
 ) -> LM:
     """Load a model folder (config.json, safetensors or pytorch_model.bin, tokenizer files), a GGUF
     file (converted once into $KVGEN_CACHE, then loaded from there) or a hub id already in the local
@@ -49,6 +51,10 @@ def load(
 
     `backend="native"` runs kvgen's own model and loop; `backend="hf"` runs transformers'
     `generate()` on the same weights, behind the same API.
+
+    `fast` (native backend) builds the decode fast path at load (`kvgen.fast`): fused q/k/v and
+    gate/up projections, and on a CPU whose oneDNN kernel streams them faster, prepacked weights.
+    `fast=False` keeps the plain reference modules; greedy output is the same either way.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -68,4 +74,6 @@ def load(
         net = load_hf(folder, dtype, device)
     else:
         net = load_native(folder, dtype, device)
+        if fast:
+            speed_up(net, pack_weights=packing_pays(dtype, device))
     return LM(net, tokenizer, backend, folder, _eos_token_ids(folder, tokenizer), time.perf_counter() - start)

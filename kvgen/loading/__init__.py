@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,32 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to hand back
         pass
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are dropped, nothing is lost
+
+
+def release_file_pages(tensors: list[Tensor]) -> None:
+    """Drop from this process's memory the pages of memory-mapped checkpoint tensors that will not
+    be read again (the fast path reads its own fused or prepacked copies instead).
+
+    Only tensors inside a file mapping are touched, with MADV_PAGEOUT, which never discards data:
+    a page read again later comes back from the file. Elsewhere (other systems, older kernels,
+    anonymous memory) this does nothing.
+    """
+    if not sys.platform.startswith("linux") or not tensors:
+        return
+    try:
+        maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    files = [tuple(int(a, 16) for a in m[0].split("-")) for m in maps if len(m) >= 6 and m[5].startswith("/")]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    for t in tensors:
+        begin, end = t.data_ptr(), t.data_ptr() + t.nbytes
+        if t.device.type == "cpu" and any(lo <= begin and end <= hi for lo, hi in files):
+            first, last = -(-begin // page) * page, end // page * page  # whole pages inside the tensor only
+            if last > first:
+                libc.madvise(first, last - first, MADV_PAGEOUT)

@@ -22,15 +22,24 @@ import torch.nn.functional as F
 ROWS, COLS = 4096, 4096
 
 
-def _seconds_per_matvec(dtype: torch.dtype, repeats: int = 5) -> float:
+def _seconds_per_matvec(dtype: torch.dtype, packed: bool = False, repeats: int = 5) -> float:
+    """Best time of one (1, COLS) x (COLS, ROWS) product: through `F.linear`, or `packed` through
+    oneDNN's prepacked kernel (the fast path's, `kvgen.fast`)."""
+    from ..fast import pack, packed_linear
+
     weight = torch.randn(ROWS, COLS).to(dtype)
     x = torch.randn(1, COLS).to(dtype)
-    F.linear(x, weight)  # warm-up: kernel selection, page faults
+    if packed:
+        weight = pack(weight)
+        product = lambda: packed_linear(x, weight, None)  # noqa: E731
+    else:
+        product = lambda: F.linear(x, weight)  # noqa: E731
+    product()  # warm-up: kernel selection, page faults
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(4):
-            F.linear(x, weight)
+            product()
         best = min(best, (time.perf_counter() - start) / 4)
     return best
 
@@ -62,10 +71,14 @@ def _processor() -> str:
     return " ".join([name, *(f for f in FEATURES if f in flags)])
 
 
-def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = None) -> torch.dtype:
-    """bfloat16 on a GPU; on a CPU whichever of float32 and bfloat16 decodes faster, measured once."""
-    if torch.device(device).type != "cpu":
-        return torch.bfloat16
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernel_times(cache_dir: Path | None = None) -> dict:
+    """This processor's matrix-vector times, measured once and remembered in the kvgen cache:
+    `{"float32_s", "bfloat16_s", "float32_packed_s", "bfloat16_packed_s", "dtype"}` in seconds
+    (the packed ones where torch has oneDNN), and `dtype`, the one that decodes faster."""
+    from ..fast import packing_available
     from .convert import cache_root
 
     key = f"{_processor()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
@@ -74,9 +87,17 @@ def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = N
         known = json.loads(record.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
-        fp32, bf16 = _seconds_per_matvec(torch.float32), _seconds_per_matvec(torch.bfloat16)
-        known[key] = {"dtype": "bfloat16" if bf16 < fp32 else "float32", "float32_s": fp32, "bfloat16_s": bf16}
+    kernels = ("", "_packed") if packing_available() else ("",)
+    wanted = {f"{str(d).removeprefix('torch.')}{kernel}_s" for d in KERNEL_DTYPES for kernel in kernels}
+    if not wanted <= known.get(key, {}).keys():  # never measured, or before a kernel was added
+        times, best = {}, {}
+        for dtype in KERNEL_DTYPES:
+            name = str(dtype).removeprefix("torch.")
+            times[f"{name}_s"] = _seconds_per_matvec(dtype)
+            if packing_available():
+                times[f"{name}_packed_s"] = _seconds_per_matvec(dtype, packed=True)
+            best[name] = min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
+        known[key] = {"dtype": min(best, key=best.get), **times}
         try:  # a cache we cannot write only means measuring again next time
             record.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=record.parent, delete=False, suffix=".tmp") as f:
@@ -84,7 +105,24 @@ def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = N
             os.replace(f.name, record)
         except OSError:
             pass
-    return getattr(torch, known[key]["dtype"])
+    return known[key]
+
+
+def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = None) -> torch.dtype:
+    """bfloat16 on a GPU; on a CPU whichever of float32 and bfloat16 decodes faster, by its
+    faster kernel, measured once."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    return getattr(torch, kernel_times(cache_dir)["dtype"])
+
+
+def packing_pays(dtype: torch.dtype, device: torch.device | str = "cpu", cache_dir: Path | None = None) -> bool:
+    """Whether oneDNN's prepacked kernel multiplies `dtype` weights faster than `F.linear` on this
+    CPU (measured once); never on other devices."""
+    if torch.device(device).type != "cpu" or dtype not in KERNEL_DTYPES:
+        return False
+    times, name = kernel_times(cache_dir), str(dtype).removeprefix("torch.")
+    return times.get(f"{name}_packed_s", float("inf")) < times[f"{name}_s"]
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:

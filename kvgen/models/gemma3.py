@@ -14,7 +14,16 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Gemma3Config
-from .layers import activation, attention, attention_mask, embedding, rope_and_cache, rope_cos_sin, rope_inv_freq
+from .layers import (
+    activation,
+    attention,
+    attention_mask,
+    embedding,
+    project,
+    rope_and_cache,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 
 class RMSNorm(nn.Module):
@@ -42,6 +51,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qkv: nn.Module | None = None  # q, k and v in one product, built by the fast path
         self.scale = config.query_pre_attn_scalar**-0.5
         self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
 
@@ -49,9 +59,11 @@ class Attention(nn.Module):
         self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = (
+            h.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H | Hkv, T, D)
+            for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = self.q_norm(q), self.k_norm(k)
         q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
         y = attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -65,10 +77,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up: nn.Module | None = None  # gate and up in one product, built by the fast path
         self.act = activation(config.hidden_activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_up, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):

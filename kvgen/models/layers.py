@@ -149,6 +149,12 @@ def rope_and_cache(
     return q, k, v, positions, key_positions
 
 
+def project(x: Tensor, fused: nn.Module | None, *linears: nn.Module) -> tuple[Tensor, ...]:
+    """x through several linear maps of it (q, k, v; gate, up): one product over their joined
+    weights when the fast path fused them at load (`kvgen.fast`), else one by one."""
+    return fused(x) if fused is not None else tuple(linear(x) for linear in linears)
+
+
 def embedding(num: int, dim: int) -> nn.Embedding:
     """An embedding table left uninitialised: its weights always come from the checkpoint, and
     nn.Embedding's random init would import torch._dynamo, a second of start-up."""

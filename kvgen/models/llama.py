@@ -12,7 +12,16 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import LlamaConfig
-from .layers import activation, attention, attention_mask, embedding, rope_and_cache, rope_cos_sin, rope_inv_freq
+from .layers import (
+    activation,
+    attention,
+    attention_mask,
+    embedding,
+    project,
+    rope_and_cache,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 
 class RMSNorm(nn.Module):
@@ -41,10 +50,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_up: nn.Module | None = None  # gate and up in one product, built by the fast path
         self.act = activation(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_up, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 def build_inv_freq(head_dim: int, rope: dict) -> Tensor:
@@ -63,15 +74,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=bias)
+        self.qkv: nn.Module | None = None  # q, k and v in one product, built by the fast path
         self.scale = config.head_dim**-0.5
 
     def forward(
         self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = (
+            h.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H | Hkv, T, D)
+            for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
+        )
         q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
         y = attention(q, k, v, attention_mask(positions, key_positions), self.scale)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Qwen2Config, Qwen3Config
-from .layers import attention, attention_mask, embedding, rope_and_cache, rope_cos_sin
+from .layers import attention, attention_mask, embedding, project, rope_and_cache, rope_cos_sin
 from .llama import MLP, RMSNorm, build_inv_freq
 from .llama import remap as remap  # same checkpoint names as Llama: drop stale inv_freq, tie the head
 
@@ -30,15 +30,15 @@ class Attention(nn.Module):
         # Qwen3's per-head norms bound the attention logits whatever the projections' scale.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qwen3 else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qwen3 else None
+        self.qkv: nn.Module | None = None  # q, k and v in one product, built by the fast path
         self.scale = config.head_dim**-0.5
 
     def forward(
         self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = (h.view(B, T, -1, self.head_dim) for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj))
+        v = v.transpose(1, 2)  # (B, Hkv, T, D); q and k stay (B, T, H | Hkv, D) for their norms
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over D, each head alone; before RoPE, as Qwen3 trained
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H|Hkv, T, D)
