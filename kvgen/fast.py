@@ -87,19 +87,24 @@ class PackedLinear(nn.Linear):
 class FusedLinear(nn.Module):
     """Several linear maps of one input as one product -> a tuple of their outputs.
 
-    The concatenated weight is built here from the originals (which stay, unused, under their
-    checkpoint names) and held in non-persistent buffers, prepacked if `packed`.
+    The concatenated weight and bias live in non-persistent buffers. Unpacked, the originals become
+    views of them (the checkpoint's names and values, no second copy, on any device); packed, the
+    originals stay as they were, unread, and the caller hands their mapped pages back.
     """
 
     def __init__(self, linears: list[nn.Linear], packed: bool) -> None:
         super().__init__()
         self.sizes = [linear.out_features for linear in linears]
         weight = torch.cat([linear.weight for linear in linears])  # (sum of outs, in)
-        biases = [linear.bias for linear in linears]
-        bias = None if biases[0] is None else torch.cat(biases)
+        bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
         self.packed = packed
         self.register_buffer("weight", pack(weight) if packed else weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        if not packed:
+            for linear, w, b in zip(linears, weight.split(self.sizes), (weight if bias is None else bias).split(self.sizes)):
+                linear.weight = nn.Parameter(w, requires_grad=False)
+                if bias is not None:
+                    linear.bias = nn.Parameter(b, requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         y = packed_linear(x, self.weight, self.bias) if self.packed else F.linear(x, self.weight, self.bias)
@@ -121,21 +126,23 @@ def speed_up(model: nn.Module, pack_weights: bool) -> nn.Module:
     """Build the fast path into a loaded model, in place: fuse sibling projections, then (with
     `pack_weights`, on a CPU) prepack every remaining linear weight, the LM head included.
 
-    The checkpoint tensors the fast path no longer reads are handed back to the operating system
-    where they are memory-mapped (`release_file_pages`), so peak memory stays one copy of the weights.
+    The checkpoint tensors the fast path no longer reads are handed back to the operating system,
+    one by one, where they are memory-mapped (`release_file_pages`), so that memory holds one copy
+    of the weights throughout.
     """
-    replaced: list[nn.Linear] = []  # the linears whose weights no step reads any more
+    fused: list[nn.Linear] = []  # their products now come from a FusedLinear: never packed
     for module in list(model.modules()):
         for fused_name, names in FUSIONS.items():
             linears = [getattr(module, name, None) for name in names]
             if hasattr(module, fused_name) and all(linears) and _fusable(linears):
                 packed = pack_weights and can_pack(linears[0].weight)
+                originals = [linear.weight for linear in linears]
                 setattr(module, fused_name, FusedLinear(linears, packed))
-                release_file_pages([linear.weight for linear in linears])  # as we go: one copy at a time
-                replaced += linears
+                release_file_pages(originals)  # as we go, so that loading never holds two copies
+                fused += linears
     if pack_weights:
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
-                if type(child) is nn.Linear and can_pack(child.weight) and not any(child is r for r in replaced):
+                if type(child) is nn.Linear and can_pack(child.weight) and not any(child is f for f in fused):
                     setattr(module, name, PackedLinear(child))
     return model
