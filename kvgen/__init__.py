@@ -76,4 +76,5 @@ def load(
         net = load_native(folder, dtype, device)
         if fast:
             speed_up(net, pack_weights=packing_pays(dtype, device))
+            return_freed_memory()  # the scratch copies that fusing and packing freed
     return LM(net, tokenizer, backend, folder, _eos_token_ids(folder, tokenizer), time.perf_counter() - start)

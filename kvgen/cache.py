@@ -67,6 +67,8 @@ class DynamicLayerCache:
             keys = torch.cat([self.keys, keys], dim=2)
             values = torch.cat([self.values, values], dim=2)
             positions = torch.cat([self.positions, positions], dim=1)
+        else:  # a view (of a fused projection's output) would keep the whole of its base alive
+            keys, values = keys.contiguous(), values.contiguous()
         self.keys, self.values, self.positions = keys, values, positions
         if self.window is not None and (start := keys.shape[2] - (self.window - 1)) > 0:
             # Copies, not views: a view would keep a long prompt's whole tensor alive.

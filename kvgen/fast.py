@@ -100,11 +100,11 @@ class FusedLinear(nn.Module):
         self.packed = packed
         self.register_buffer("weight", pack(weight) if packed else weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        if not packed:
-            for linear, w, b in zip(linears, weight.split(self.sizes), (weight if bias is None else bias).split(self.sizes)):
+        if not packed:  # the originals become views of the fused tensors: one copy of the weights
+            for linear, w in zip(linears, weight.split(self.sizes)):
                 linear.weight = nn.Parameter(w, requires_grad=False)
-                if bias is not None:
-                    linear.bias = nn.Parameter(b, requires_grad=False)
+            for linear, b in zip(linears, [] if bias is None else bias.split(self.sizes)):
+                linear.bias = nn.Parameter(b, requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         y = packed_linear(x, self.weight, self.bias) if self.packed else F.linear(x, self.weight, self.bias)

@@ -10,6 +10,7 @@ Parameter names follow transformers' `Gemma3ForCausalLM` checkpoints.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
@@ -35,9 +36,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)  # scale before the cast back, as transformers does
+        # Scaled before the cast back, as transformers does; F.rms_norm is that math in one kernel.
+        return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
 class Attention(nn.Module):
