@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .loading import release_file_pages
+from .loading import populate_file_pages, release_file_pages
 
 # Sibling linear maps of one input that a fused product replaces, and the attribute it takes.
 FUSIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -70,6 +70,7 @@ class PackedLinear(nn.Linear):
         self.starts = list(range(0, self.out_features, rows))
         for i, start in enumerate(self.starts):
             block = self.weight[start : start + rows]
+            populate_file_pages([block])  # read whole now: map it in one call
             self.register_buffer(f"packed{i}", pack(block), persistent=False)
             release_file_pages([block])
         self.rows = rows
@@ -137,6 +138,7 @@ def speed_up(model: nn.Module, pack_weights: bool) -> nn.Module:
             if hasattr(module, fused_name) and all(linears) and _fusable(linears):
                 packed = pack_weights and can_pack(linears[0].weight)
                 originals = [linear.weight for linear in linears]
+                populate_file_pages(originals)  # read whole now: map them in one call
                 setattr(module, fused_name, FusedLinear(linears, packed))
                 release_file_pages(originals)  # as we go, so that loading never holds two copies
                 fused += linears

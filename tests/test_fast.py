@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import kvgen
 from kvgen.fast import FusedLinear, PackedLinear, speed_up
 from kvgen.generate import generate_tokens
-from kvgen.loading import release_file_pages
+from kvgen.loading import populate_file_pages, release_file_pages
 from kvgen.loading.dtype import packing_pays
 from kvgen.models import family
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen2, build_qwen3
@@ -88,14 +88,17 @@ def test_large_weights_are_packed_in_blocks(monkeypatch):
     torch.testing.assert_close(packed(x), linear(x), rtol=0, atol=1e-6)
 
 
-def test_released_pages_still_read_the_same_values(folder):
-    """Handing mapped checkpoint pages back to the OS loses nothing: they are read again from the file."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"], ids=["mapped", "converted"])
+def test_released_pages_still_read_the_same_values(folder, dtype):
+    """Handing weights' pages back to the OS loses nothing: mapped ones are read again from the
+    file, and anonymous ones (converted at load from the float32 checkpoint) can only be swapped."""
     (file,) = folder.glob("*.safetensors")
-    lm = kvgen.load(folder, dtype="float32", fast=False)
+    lm = kvgen.load(folder, dtype=dtype, fast=False)
     model_type = json.loads((folder / "config.json").read_text())["model_type"]
     on_disk = family(model_type)[1].remap(load_file(file))  # the checkpoint, in the model's names
+    populate_file_pages(list(lm.model.parameters()))
     release_file_pages(list(lm.model.parameters()))
     state = lm.model.state_dict()
     assert state.keys() == on_disk.keys()
     for name, t in on_disk.items():
-        assert torch.equal(state[name], t), name
+        assert torch.equal(state[name], t.to(state[name].dtype)), name
