@@ -9,8 +9,8 @@ computed (each output is the same dot product; only the order of its additions m
   input instead of three, for layers whose matrices are only a few hundred kilobytes.
 - **Prepacked weights.** oneDNN reorders a weight once into the blocked layout its CPU kernel
   reads; `F.linear` does the equivalent work on every call, or streams a layout its kernel reads
-  slowly. On an AVX-512 EPYC this took a decode step's matrix products from 30 to 18 ms (Gemma 3
-  270M, bfloat16). Whether it pays is the CPU's business, so it is measured once per processor
+  slowly. On an AVX-512 EPYC this took a decode step's matrix products from ~36 to ~26 ms (Gemma
+  3 270M, bfloat16; its 262k-row LM head alone from 19 to 12 ms). Whether it pays is the CPU's business, so it is measured once per processor
   (`kvgen.loading.dtype`), not assumed.
 
 The model files call `layers.project`, which takes the fused product when this module built one.
@@ -66,14 +66,13 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        rows = max(1, PACK_CHUNK_BYTES // (self.in_features * self.weight.element_size()))
-        self.starts = list(range(0, self.out_features, rows))
+        self.rows = max(1, PACK_CHUNK_BYTES // (self.in_features * self.weight.element_size()))
+        self.starts = list(range(0, self.out_features, self.rows))
         for i, start in enumerate(self.starts):
-            block = self.weight[start : start + rows]
+            block = self.weight[start : start + self.rows]
             populate_file_pages([block])  # read whole now: map it in one call
             self.register_buffer(f"packed{i}", pack(block), persistent=False)
             release_file_pages([block])
-        self.rows = rows
 
     def forward(self, x: Tensor) -> Tensor:
         if len(self.starts) == 1:

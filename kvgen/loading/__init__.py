@@ -181,5 +181,5 @@ def release_file_pages(tensors: list[Tensor]) -> None:
 
 def populate_file_pages(tensors: list[Tensor]) -> None:
     """Map the pages of memory-mapped checkpoint tensors about to be read whole (to be packed) in
-    one call: Gemma 3 270M's 536 MB took 25 ms this way against 0.4 s of page faults."""
+    one call each: Gemma 3 270M's 536 MB took 0.2 s this way against 0.4 s of page faults."""
     _advise_pages(tensors, MADV_POPULATE_READ)
