@@ -10,6 +10,7 @@ from kvgen.cache import (
     RingLayerCache,
     StaticLayerCache,
     make_cache,
+    storage_dtype,
     truncate,
 )
 from kvgen.models.layers import attention, attention_mask
@@ -75,6 +76,23 @@ def test_make_cache_sizes_each_layer():
     assert short.keys.shape == (3, 2, 20, 8)  # a window longer than the stream: never wraps
     dynamic = make_cache("dynamic", layers, 3, 20, torch.float32)
     assert [c.window for c in dynamic] == [4, None, 64]
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "sink"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_caches_store_half_precision_widened_and_unchanged(kind, dtype):
+    layers = [LayerShape(2, 8, rotary=True), LayerShape(2, 8, window=4, rotary=True)]
+    caches = make_cache(kind, layers, 1, 20, dtype)
+    for q, k, v, positions in stream([5, 1, 1], seed=1):
+        k, v, positions = k[:1].to(dtype), v[:1].to(dtype), positions[:1]
+        for cache in caches:
+            keys, values, _ = cache.update(k, v, positions)
+            assert keys.dtype == values.dtype == torch.float32
+            assert torch.equal(keys.to(dtype).float(), keys)  # every value still one of `dtype`'s
+            for new, held in ((k, keys), (v, values)):  # the newest entry is held as it came
+                assert (held == new[:, :, -1:].float()).all(dim=-1).any(dim=-1).all()
+    assert storage_dtype(dtype, "cpu") == torch.float32 and storage_dtype(dtype, "meta") == dtype
+    assert storage_dtype(torch.float32, "cpu") == torch.float32
 
 
 def test_unwindowed_dynamic_cache_keeps_everything():

@@ -56,7 +56,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcas
         attention_probe(q, k, mask, scale)
     dtype = q.dtype
     if upcast or (q.device.type == "cpu" and q.shape[2] <= FLOAT32_ATTENTION_QUERIES):
-        q, k, v = q.float(), k.float(), v.float()
+        q, k, v = q.float(), k.float(), v.float()  # no copy of a cache already stored in float32
+    else:
+        k, v = k.to(dtype), v.to(dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.to(dtype)  # (B, H, T, D)
 
@@ -145,7 +147,8 @@ def rope_and_cache(
     k, v, key_positions = cache.update(k, v, positions)  # un-rotated (B, Hkv, S, D), cache places (B, S)
     positions = cache.query_positions  # (B, T)
     q = apply_rope(q, *rope_cos_sin(positions, inv_freq, q.dtype))
-    k = apply_rope(k, *rope_cos_sin(key_positions, inv_freq, k.dtype))
+    # in the queries' dtype, as every other cache's keys were rotated, whatever the cache stores
+    k = apply_rope(k.to(q.dtype), *rope_cos_sin(key_positions, inv_freq, q.dtype))
     return q, k, v, positions, key_positions
 
 
