@@ -67,38 +67,61 @@ def empty_slots(
     return keys, torch.zeros_like(keys), torch.full((batch, slots), -1, dtype=torch.long, device=device)
 
 
-class DynamicLayerCache:
-    """Grows by concatenation as tokens arrive, like transformers' `past_key_values`.
+SPARE_SLOTS = 64  # a dynamic cache grows by at least this many slots at a time
 
-    With a `window` it then drops all but the last `window - 1` entries: the next query sees only
-    those and itself. This step's queries have already been handed every entry they need.
+
+class DynamicLayerCache:
+    """Holds every entry so far, like transformers' `past_key_values`, in buffers that grow as needed.
+
+    A new entry is written in place after the last one, so a decode step costs the same however
+    long the stream; concatenating would copy the whole cache at every step. The buffers grow by
+    half when full, which keeps that copy rare. With a `window` it keeps only the last
+    `window - 1` entries: the next query sees only those and itself. This step's queries have
+    already been handed every entry they need.
     """
 
     rotates_keys = False  # keys are stored rotated at their text positions
 
     def __init__(self, window: int | None = None) -> None:
         self.window = window
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
-        self.positions: Tensor | None = None
+        self.buffers: tuple[Tensor, Tensor, Tensor] | None = None  # (B, H, slots, D) keys, values; (B, slots) positions
+        self.start = self.end = 0  # slots [start, end) hold the entries
         self.seen = 0  # tokens taken in, dropped ones included
 
     def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        self.seen += keys.shape[2]
-        dtype = storage_dtype(keys.dtype, keys.device)
-        keys, values = keys.to(dtype), values.to(dtype)
-        if self.keys is not None:
-            keys = torch.cat([self.keys, keys], dim=2)
-            values = torch.cat([self.values, values], dim=2)
-            positions = torch.cat([self.positions, positions], dim=1)
-        else:  # a view (of a fused projection's output) would keep the whole of its base alive
-            keys, values = keys.contiguous(), values.contiguous()
-        self.keys, self.values, self.positions = keys, values, positions
-        if self.window is not None and (start := keys.shape[2] - (self.window - 1)) > 0:
-            # Copies, not views: a view would keep a long prompt's whole tensor alive.
-            self.keys, self.values = keys[:, :, start:].clone(), values[:, :, start:].clone()
-            self.positions = positions[:, start:].clone()
-        return keys, values, positions
+        T = keys.shape[2]
+        self.seen += T
+        self._make_room(keys, T)
+        k, v, p = self.buffers
+        k[:, :, self.end : self.end + T] = keys  # widened here to the storage dtype, if it differs
+        v[:, :, self.end : self.end + T] = values
+        p[:, self.end : self.end + T] = positions
+        self.end += T
+        held = self.keys, self.values, self.positions
+        if self.window is not None:
+            self.start = max(self.start, self.end - (self.window - 1))
+            if self.buffers[0].shape[2] > 2 * self.window + SPARE_SLOTS:  # a long prompt's slots: let them go
+                self._move(keys, self.window + SPARE_SLOTS)
+        return held
+
+    def _make_room(self, keys: Tensor, T: int) -> None:
+        """Make sure T more slots follow the entries, in larger buffers if need be (like `keys`)."""
+        if self.buffers is None or self.end + T > self.buffers[0].shape[2]:
+            needed = self.length + T
+            self._move(keys, needed + max(SPARE_SLOTS, needed // 2))
+
+    def _move(self, like: Tensor, slots: int) -> None:
+        """Move the entries to the front of new buffers of `slots` slots."""
+        (B, H, _, D), length = like.shape, self.length
+        k = like.new_empty(B, H, slots, D, dtype=storage_dtype(like.dtype, like.device))
+        v, p = torch.empty_like(k), torch.empty(B, slots, dtype=torch.long, device=like.device)
+        if self.buffers is not None:
+            k[:, :, :length], v[:, :, :length], p[:, :length] = self.keys, self.values, self.positions
+        self.buffers, self.start, self.end = (k, v, p), 0, length
+
+    def keep(self, lo: int, hi: int) -> None:
+        """Keep only the held entries lo ... hi - 1 (counted from the oldest held)."""
+        self.start, self.end = self.start + lo, self.start + hi
 
     def truncate(self, keep: int) -> bool:
         """Forget every token after the first `keep`; False, changing nothing, if a token the next
@@ -107,23 +130,33 @@ class DynamicLayerCache:
         start = 0 if self.window is None else max(keep - (self.window - 1), 0)  # the oldest one needed
         if keep > self.seen or start < min(first, keep):  # [start, keep) needed, [first, seen) held
             return False
-        if self.keys is not None:
-            lo, hi = max(start - first, 0), max(keep - first, 0)
-            self.keys, self.values = self.keys[:, :, lo:hi], self.values[:, :, lo:hi]
-            self.positions = self.positions[:, lo:hi]
+        self.keep(max(start - first, 0), max(keep - first, 0))
         self.seen = keep
         return True
 
     @property
+    def keys(self) -> Tensor | None:
+        """(B, H, length, D) keys held, oldest first (a view)."""
+        return None if self.buffers is None else self.buffers[0][:, :, self.start : self.end]
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self.buffers is None else self.buffers[1][:, :, self.start : self.end]
+
+    @property
+    def positions(self) -> Tensor | None:
+        """(B, length) positions of the entries held."""
+        return None if self.buffers is None else self.buffers[2][:, self.start : self.end]
+
+    @property
     def length(self) -> int:
         """Tokens stored."""
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.end - self.start
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
+        """Bytes of the keys and values held (the buffers may have room for more)."""
+        return 0 if self.buffers is None else self.keys.nbytes + self.values.nbytes
 
 
 class StaticLayerCache:

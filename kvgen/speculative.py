@@ -102,10 +102,7 @@ class _SlackDynamicCache(DynamicLayerCache):
         first = self.seen - self.length  # the stream index of the oldest token held
         if keep > self.seen or max(keep - (self.attended - 1), 0) < min(first, keep):
             return False
-        if self.keys is not None:
-            held = max(keep - first, 0)
-            self.keys, self.values = self.keys[:, :, :held], self.values[:, :, :held]
-            self.positions = self.positions[:, :held]
+        self.keep(0, max(keep - first, 0))
         self.seen = keep
         return True
 

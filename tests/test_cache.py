@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kvgen.cache import (
+    SPARE_SLOTS,
     DynamicLayerCache,
     LayerShape,
     RingLayerCache,
@@ -62,7 +63,8 @@ def test_windowed_cache_matches_unbounded(kind, window, steps):
         torch.testing.assert_close(got.transpose(1, 2)[real], expected.transpose(1, 2)[real], rtol=1e-5, atol=1e-6)
         if kind == "dynamic":  # between steps, only what the next token can see
             assert cache.length <= window - 1
-            assert cache.keys.untyped_storage().nbytes() <= B * H * (window - 1) * D * 4
+            # its buffers too: a long prompt's slots go once the window has moved past them
+            assert cache.keys.untyped_storage().nbytes() <= B * H * (2 * window + SPARE_SLOTS) * D * 4
         else:  # a fixed ring, written in place
             assert cache.keys.shape[2] == slots and cache.keys.data_ptr() == buffer
     assert reference.length == total
@@ -95,11 +97,15 @@ def test_cpu_caches_store_half_precision_widened_and_unchanged(kind, dtype):
     assert storage_dtype(torch.float32, "cpu") == torch.float32
 
 
-def test_unwindowed_dynamic_cache_keeps_everything():
-    cache = DynamicLayerCache()
-    for _, k, v, positions in stream([5, 1, 1]):
-        cache.update(k, v, positions)
-    assert cache.length == 7 and cache.positions[0].tolist() == list(range(7))
+def test_unwindowed_dynamic_cache_keeps_everything_writing_in_place():
+    cache, keys, buffers = DynamicLayerCache(), [], []
+    for _, k, v, positions in stream([5] + [1] * 150):
+        held, _, _ = cache.update(k, v, positions)
+        keys.append(k)
+        assert torch.equal(held, torch.cat(keys, dim=2))
+        buffers.append(cache.buffers[0].data_ptr())
+    assert cache.length == 155 and cache.positions[0].tolist() == list(range(155))
+    assert len(set(buffers)) <= 3  # grown twice (5 + 64 slots, then by half), not once per token
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
