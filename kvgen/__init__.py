@@ -17,6 +17,7 @@ from .api import BACKENDS, LM, Response, Result, Timings
 from .fast import speed_up
 from .loading import default_model, load_native, read_config, resolve_model, return_freed_memory
 from .loading.dtype import packing_pays, resolve_dtype
+from .loading.tokenizer import load_tokenizer
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -61,10 +62,8 @@ def load(
     start = time.perf_counter()
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model(default_model() if model is None else model, dtype)
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
     except Exception as e:
         raise ValueError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     return_freed_memory()

@@ -135,7 +135,7 @@ class LM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return self.tokenizer(prompt).input_ids
+            return self.tokenizer.encode(prompt)
         if not prompt:
             raise ValueError("prompt is empty")
         return list(prompt)

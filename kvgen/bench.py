@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from .loading.tokenizer import load_tokenizer
+
 SYSTEMS = ("kvgen", "hf", "llama.cpp")
 PEERS = SYSTEMS[1:]
 LABELS = {"kvgen": "kvgen", "hf": "transformers", "llama.cpp": "llama.cpp (llama-cpp-python)"}
@@ -325,11 +327,9 @@ def llama_cpp_problem() -> str | None:
 
 def prompt_ids(folder: Path, n: int) -> list[int]:
     """The first `n` token ids of the repeated text, by kvgen's tokenizer for this model."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     text = TEXT
-    while len(ids := tokenizer(text).input_ids) < n:
+    while len(ids := tokenizer.encode(text)) < n:
         text += TEXT
     return ids[:n]
 

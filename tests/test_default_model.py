@@ -65,3 +65,16 @@ def test_no_model_means_the_embedded_gemma(lm):
     default = kvgen.load(dtype="float32")  # KVGEN_CACHE points at the session's converted copy
     assert default.path == lm.path and type(default.model).__name__ == "Gemma3"
     assert default.encode("Hi")[0] == default.tokenizer.bos_token_id  # "<bos>" first, as Gemma expects
+
+
+@pytest.mark.slow
+def test_tokenizer_runs_without_transformers_and_encodes_like_it(lm):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(lm.path)
+    assert lm.tokenizer.transformers is None  # 262k tokens: loading transformers' wrapper costs 0.9 s
+    for text in PROMPTS + [" naïve café, 東京 🙂<start_of_turn>user\nhi<end_of_turn>", "x" * 500]:
+        ids = reference(text).input_ids
+        assert lm.encode(text) == ids, text
+        assert lm.tokenizer.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert (lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)

@@ -29,6 +29,7 @@ import kvgen
 from kvgen.cli import main
 from kvgen.loading import convert as convert_module
 from kvgen.loading.convert import cached_folder, content_key, convert_gguf
+from kvgen.loading.tokenizer import load_tokenizer
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen2, build_qwen3
 
 TEXTS = [
@@ -351,13 +352,16 @@ def test_tokenizer_encodes_like_transformers_gguf_tokenizer(arch, sources, cache
 
     src = sources(arch)
     path = write_gguf(src, tmp_path / "m.gguf")
-    ours = AutoTokenizer.from_pretrained(convert_gguf(path, progress=False))
+    folder = convert_gguf(path, progress=False)
+    ours, kvgens = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
     reference = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     source = AutoTokenizer.from_pretrained(src)
+    assert kvgens.transformers is None  # the converted tokenizer loads without transformers
     for text in TEXTS:
         ids = ours(text).input_ids
-        assert ids == reference(text).input_ids == source(text).input_ids, text
-        assert ours.decode(ids) == reference.decode(ids) == text
+        assert ids == reference(text).input_ids == source(text).input_ids == kvgens.encode(text), text
+        assert ours.decode(ids) == reference.decode(ids) == kvgens.decode(ids) == text
+    assert (kvgens.bos_token_id, kvgens.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
     assert (ours.bos_token_id, ours.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
     assert ours.all_special_ids == reference.all_special_ids
 

@@ -75,6 +75,7 @@ class Server:
         self.created = int(time.time())
         self.encode_lock = threading.Lock()  # fast tokenizers refuse concurrent encodes that reconfigure them
         self.template, self.template_stops = chat_template(self.lm)
+        self.lm.tokenizer.load_transformers()  # what rendering a chat needs, loaded before any request
 
     # Input ---------------------------------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class Server:
         for p in prompt:
             if isinstance(p, str):
                 with self.encode_lock:
-                    ids = self.lm.tokenizer(p).input_ids if p else []
+                    ids = self.lm.tokenizer.encode(p) if p else []
             else:
                 ids = list(p)
                 if any(not 0 <= i < vocab for i in ids):

@@ -1,0 +1,130 @@
+"""A model's tokenizer, loaded without transformers where transformers would add nothing.
+
+transformers' fast tokenizers run the `tokenizers` library underneath. For a `tokenizer.json`
+that transformers loads as it is (its generic classes, `TokenizersBackend` and
+`PreTrainedTokenizerFast`), encoding and decoding through `tokenizers` directly give the same ids
+and text, and skip importing transformers: 0.9 s of a 3 s load of the default model. transformers
+is then loaded only for what it alone does here, rendering a chat template, on first use; from
+then on everything goes through its tokenizer, so there is only ever one in memory.
+
+Other tokenizers (model-specific classes, which may rebuild the pipeline in Python; a
+`tokenizer.json` whose BOS/EOS handling disagrees with `tokenizer_config.json`; no
+`tokenizer.json` at all) load through `AutoTokenizer` from the start.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# tokenizer_config.json classes that transformers builds from tokenizer.json unchanged.
+GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+class Tokenizer:
+    """The part of transformers' tokenizer API that kvgen uses: `encode`, `decode`, `len`, the
+    special token ids, `chat_template` and `apply_chat_template`. Build one with `load_tokenizer`."""
+
+    def __init__(self, folder: Path, backend: Any = None, config: dict | None = None) -> None:
+        self.folder = folder
+        self.backend = backend  # a tokenizers.Tokenizer, until transformers' tokenizer replaces it
+        self.config = config or {}
+        self.transformers: Any = None
+        if backend is None:
+            self.load_transformers()
+
+    def load_transformers(self) -> Any:
+        """Load transformers' tokenizer now and use it for everything from then on (a server does
+        this as it starts, so that no chat request waits for it)."""
+        if self.transformers is None:
+            from transformers import AutoTokenizer
+
+            self.transformers = AutoTokenizer.from_pretrained(self.folder)
+            self.backend = None  # one tokenizer in memory: the raw one goes
+        return self.transformers
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with the special tokens the model adds (BOS, for most)."""
+        if self.transformers is not None:
+            return self.transformers.encode(text)
+        return self.backend.encode(text).ids
+
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> str:
+        if self.transformers is not None or clean_up_tokenization_spaces:
+            return self.load_transformers().decode(
+                ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=clean_up_tokenization_spaces
+            )
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        """Tokens in the vocabulary, added ones included."""
+        if self.transformers is not None:
+            return len(self.transformers)
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _special_id(self, name: str) -> int | None:
+        if self.transformers is not None:
+            return getattr(self.transformers, f"{name}_id")
+        token = self.config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token  # a serialised AddedToken
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template, where it has one (settable, as on transformers' tokenizers)."""
+        if self.transformers is not None:
+            return self.transformers.chat_template
+        jinja = self.folder / "chat_template.jinja"  # where transformers 5 saves it
+        return jinja.read_text() if jinja.is_file() else self.config.get("chat_template")
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        self.load_transformers().chat_template = template
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> Any:
+        """transformers' `apply_chat_template`, exactly: loads transformers the first time."""
+        return self.load_transformers().apply_chat_template(messages, **kwargs)
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer of a model folder: through `tokenizers` alone where that gives transformers'
+    ids (see the module's docstring), else through transformers."""
+    folder = Path(folder)
+    path, config_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if not path.is_file() or config.get("tokenizer_class") not in GENERIC_CLASSES:
+        return Tokenizer(folder)
+    import tokenizers
+
+    tokenizer = Tokenizer(folder, tokenizers.Tokenizer.from_file(str(path)), config)
+    if not _adds_what_config_says(tokenizer):
+        return Tokenizer(folder)
+    return tokenizer
+
+
+def _adds_what_config_says(tokenizer: Tokenizer) -> bool:
+    """Whether tokenizer.json adds BOS and EOS as tokenizer_config.json's add_bos_token and
+    add_eos_token say (transformers follows the config where the two disagree)."""
+    ids = tokenizer.backend.encode("a").ids
+    for flag, token_id, end in (
+        ("add_bos_token", tokenizer.bos_token_id, 0),
+        ("add_eos_token", tokenizer.eos_token_id, -1),
+    ):
+        if flag in tokenizer.config and token_id is not None and tokenizer.config[flag] != (ids[end] == token_id):
+            return False
+    return True
