@@ -123,8 +123,9 @@ def _fusable(linears: list[nn.Module]) -> bool:
 
 
 def speed_up(model: nn.Module, pack_weights: bool) -> nn.Module:
-    """Build the fast path into a loaded model, in place: fuse sibling projections, then (with
-    `pack_weights`, on a CPU) prepack every remaining linear weight, the LM head included.
+    """Build the fast path into a loaded model, in place: fuse sibling projections, let modules
+    precompute what they can from their weights (`prepare`), then (with `pack_weights`, on a CPU)
+    prepack every remaining linear weight, the LM head included.
 
     The checkpoint tensors the fast path no longer reads are handed back to the operating system,
     one by one, where they are memory-mapped (`release_file_pages`), so that memory holds one copy
@@ -141,6 +142,9 @@ def speed_up(model: nn.Module, pack_weights: bool) -> nn.Module:
                 setattr(module, fused_name, FusedLinear(linears, packed))
                 release_file_pages(originals)  # as we go, so that loading never holds two copies
                 fused += linears
+    for module in model.modules():
+        if hasattr(module, "prepare"):  # what a module precomputes from its weights (Gemma's norm scales)
+            module.prepare()
     if pack_weights:
         for module in list(model.modules()):
             for name, child in list(module.named_children()):

@@ -153,3 +153,22 @@ def test_truncate_refuses_only_what_a_window_dropped():
         static.update(k, v, positions)
     assert not static.truncate(21)
     assert static.truncate(5) and static.length == 5 and (static.positions[:, 5:] == -1).all()
+
+
+def test_a_mask_is_shared_only_while_the_positions_are_equal():
+    """Consecutive layers get the same mask object; positions changed in place (a cache writing into
+    its buffer) or different ones get a fresh one with the rule applied."""
+
+    def rule(q, k, window):  # the mask rule, written out
+        return torch.tensor(
+            [[[[(0 <= kp <= qp and (window is None or kp > qp - window)) or qp < 0 for kp in k[0]] for qp in q[0]]]]
+        )
+
+    q, k = torch.tensor([[4, 5]]), torch.arange(6)[None].clone()
+    first = attention_mask(q, k, 3)
+    assert attention_mask(q, k.clone(), 3) is first and torch.equal(first, rule(q.tolist(), k.tolist(), 3))
+    k[0, 1] = -1  # written in place
+    assert torch.equal(attention_mask(q, k, 3), rule(q.tolist(), k.tolist(), 3))
+    assert torch.equal(attention_mask(q, k, None), rule(q.tolist(), k.tolist(), None))
+    q[0, 0] = -1
+    assert torch.equal(attention_mask(q, k, 3), rule(q.tolist(), k.tolist(), 3))

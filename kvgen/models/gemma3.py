@@ -34,10 +34,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self.register_buffer("scale", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        scale = 1.0 + self.weight.float() if self.scale is None else self.scale
         # Scaled before the cast back, as transformers does; F.rms_norm is that math in one kernel.
-        return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps).type_as(x)
+        return F.rms_norm(x.float(), self.weight.shape, scale, self.eps).type_as(x)
+
+    def prepare(self) -> None:
+        """Precompute 1 + weight in float32 (the fast path does, at load: a decode step has ~100 norms)."""
+        self.scale = 1.0 + self.weight.float()
 
 
 class Attention(nn.Module):

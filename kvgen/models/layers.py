@@ -17,12 +17,27 @@ def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int |
     padding or a static cache's unwritten tail). Padding queries see every slot so their rows stay
     finite (no all-masked softmax); nothing ever reads their output.
     """
+    # Every layer of a forward asks for the same mask (per window): on a CPU the last one built is
+    # handed out again while the positions are equal, which is checked, never assumed (on a GPU the
+    # check would wait for the device, and building it costs no more).
+    last = _last_mask.get(window)
+    if last is not None and _same(last[0], query_positions) and _same(last[1], key_positions):
+        return last[2]
     q = query_positions[:, None, :, None]
     k = key_positions[:, None, None, :]
     visible = (k >= 0) & (k <= q)
     if window is not None:
         visible &= k > q - window
-    return visible | (q < 0)
+    mask = visible | (q < 0)
+    _last_mask[window] = (query_positions.clone(), key_positions.clone(), mask)  # clones: caches write in place
+    return mask
+
+
+_last_mask: dict[int | None, tuple[Tensor, Tensor, Tensor]] = {}  # window -> query, key positions, mask
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.device.type == b.device.type == "cpu" and a.shape == b.shape and torch.equal(a, b)
 
 
 # SDPA never returns its attention weights. Tracing sets this to a callable that is handed every
@@ -140,8 +155,9 @@ def rope_and_cache(
     cache that `rotates_keys` (the sink cache) stores them un-rotated and moves them: the keys it
     returns are rotated by their places in the cache, and the queries by the places it gave them.
     """
-    if not cache.rotates_keys:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # keys are cached rotated, never rotated again
+    if not cache.rotates_keys:  # keys are cached rotated, never rotated again
+        # queries and keys in one rotation: half the ops for a decode step's few numbers
+        q, k = apply_rope(torch.cat([q, k], dim=1), *rope).split([q.shape[1], k.shape[1]], dim=1)
         k, v, key_positions = cache.update(k, v, positions)  # (B, Hkv, S, D), (B, S)
         return q, k, v, positions, key_positions
     k, v, key_positions = cache.update(k, v, positions)  # un-rotated (B, Hkv, S, D), cache places (B, S)
