@@ -106,7 +106,9 @@ class DynamicLayerCache:
 
     def _make_room(self, keys: Tensor, T: int) -> None:
         """Make sure T more slots follow the entries, in larger buffers if need be (like `keys`)."""
-        if self.buffers is None or self.end + T > self.buffers[0].shape[2]:
+        if self.buffers is None:  # a prompt: room for it and a few tokens more
+            self._move(keys, T + SPARE_SLOTS)
+        elif self.end + T > self.buffers[0].shape[2]:  # grown by half, so that copies stay rare
             needed = self.length + T
             self._move(keys, needed + max(SPARE_SLOTS, needed // 2))
 
