@@ -169,9 +169,11 @@ vocabulary is large.
 ## Decode: one token per step, and a dynamic cache that grows
 
 After the prefill, every step feeds `(1, 1)`: the token just chosen, at the next position. The
-**dynamic** cache (transformers' `past_key_values`) concatenates the new key and value to what it
-holds, so its shape grows by one along the sequence axis every step: `(batch, kv_heads, T + i,
-head_dim)` at decode step *i*. {sliding}A sliding-window layer's dynamic cache keeps only the
+**dynamic** cache (like transformers' `past_key_values`) appends the new key and value to what it
+holds, so what it hands attention grows by one along the sequence axis every step: `(batch,
+kv_heads, T + i, head_dim)` at decode step *i*. (It writes them in place into buffers with room to
+spare, grown by half when full, rather than concatenating: a copy of the whole cache per step
+would cost more the longer the text.) {sliding}A sliding-window layer's dynamic cache keeps only the
 last `window - 1` entries (the next query sees those and itself), so its shape stops growing.{short}
 
 {shapes_table(dynamic)}
