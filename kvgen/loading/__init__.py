@@ -73,14 +73,21 @@ def default_model() -> Path:
     except (OSError, ValueError):
         pass
     path = Path(assemble())
-    try:  # a stamp we cannot write only means checking again next time
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=stamp.parent, delete=False, suffix=".tmp") as f:
-            json.dump(_file_stamp(path), f)
-        os.replace(f.name, stamp)
-    except OSError:
-        pass
+    save_json(stamp, _file_stamp(path))  # one we cannot write only means checking again next time
     return path
+
+
+def save_json(path: Path, data: Any) -> bool:
+    """Write `data` as JSON beside `path` under a temporary name, then rename it into place (never
+    a half-written file); False where it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(data, f, indent=2)
+        os.replace(f.name, path)
+        return True
+    except OSError:
+        return False
 
 
 def _file_stamp(path: Path) -> dict[str, Any]:

@@ -9,9 +9,7 @@ processor and remembers the answer in the kvgen cache.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,6 +77,7 @@ def kernel_times(cache_dir: Path | None = None) -> dict:
     `{"float32_s", "bfloat16_s", "float32_packed_s", "bfloat16_packed_s", "dtype"}` in seconds
     (the packed ones where torch has oneDNN), and `dtype`, the one that decodes faster."""
     from ..fast import packing_available
+    from . import save_json
     from .convert import cache_root
 
     key = f"{_processor()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
@@ -98,13 +97,7 @@ def kernel_times(cache_dir: Path | None = None) -> dict:
                 times[f"{name}_packed_s"] = _seconds_per_matvec(dtype, packed=True)
             best[name] = min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
         known[key] = {"dtype": min(best, key=best.get), **times}
-        try:  # a cache we cannot write only means measuring again next time
-            record.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=record.parent, delete=False, suffix=".tmp") as f:
-                json.dump(known, f, indent=2)
-            os.replace(f.name, record)
-        except OSError:
-            pass
+        save_json(record, known)  # a record we cannot write only means measuring again next time
     return known[key]
 
 
