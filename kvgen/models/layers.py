@@ -29,7 +29,8 @@ def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int |
     if window is not None:
         visible &= k > q - window
     mask = visible | (q < 0)
-    _last_mask[window] = (query_positions.clone(), key_positions.clone(), mask)  # clones: caches write in place
+    if mask.device.type == "cpu":
+        _last_mask[window] = (query_positions.clone(), key_positions.clone(), mask)  # clones: caches write in place
     return mask
 
 
@@ -37,7 +38,7 @@ _last_mask: dict[int | None, tuple[Tensor, Tensor, Tensor]] = {}  # window -> qu
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
-    return a.device.type == b.device.type == "cpu" and a.shape == b.shape and torch.equal(a, b)
+    return b.device.type == "cpu" and a.shape == b.shape and torch.equal(a, b)
 
 
 # SDPA never returns its attention weights. Tracing sets this to a callable that is handed every
