@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvgen
+from kvgen.chat import PLAIN_TEMPLATE
 
 PROMPTS = [
     "The capital of France is",
@@ -78,6 +79,18 @@ def test_tokenizer_runs_without_transformers_and_encodes_like_it(lm):
         assert lm.encode(text) == ids, text
         assert lm.tokenizer.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
     assert (lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    gemma_turns = (  # Gemma's instruction-tuned format, which starts with the BOS token
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Hi <end_of_turn> there"}]
+    for template in (PLAIN_TEMPLATE, gemma_turns):
+        expected = reference.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
+        assert (
+            lm.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)["input_ids"]
+            == expected["input_ids"]
+        )
+    assert lm.tokenizer.transformers is None
 
 
 def test_the_default_file_is_hashed_again_only_when_it_changes(tmp_path, monkeypatch):

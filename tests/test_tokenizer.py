@@ -14,6 +14,7 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+CHATML_WITH_BOS = "{{ bos_token }}" + CHATML  # the named special tokens reach the template
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def assert_same(ours, reference):
             assert ours.decode(ids, skip_special_tokens=skip) == reference.decode(
                 ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False
             )
-    assert len(ours) == len(reference)
+    assert len(ours) == len(reference) and ours.special_tokens_map == reference.special_tokens_map
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
         reference.bos_token_id,
         reference.eos_token_id,
@@ -49,14 +50,25 @@ def test_a_generic_tokenizer_runs_without_transformers_and_encodes_alike(folder)
     assert_same(ours, AutoTokenizer.from_pretrained(folder))
 
 
-def test_a_chat_template_loads_transformers_once_and_renders_alike(folder):
-    edit_config(folder, chat_template=CHATML)
+def test_a_chat_template_renders_alike_without_transformers_tokenizer(folder):
+    edit_config(folder, chat_template=CHATML_WITH_BOS)
     ours, reference = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
-    assert ours.chat_template == CHATML and ours.transformers is None
-    messages = [{"role": "user", "content": "Hi there"}]
-    expected = reference.apply_chat_template(messages, add_generation_prompt=True)
-    assert ours.apply_chat_template(messages, add_generation_prompt=True) == expected
-    assert ours.transformers is not None and ours.backend is None  # one tokenizer in memory, not two
+    assert ours.chat_template == CHATML_WITH_BOS
+    for messages in (
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"naïve {EOS} 東京"}],
+    ):
+        for prompt in (True, False):
+            expected = reference.apply_chat_template(messages, add_generation_prompt=prompt)["input_ids"]
+            assert ours.apply_chat_template(messages, add_generation_prompt=prompt)["input_ids"] == expected
+            other = reference.apply_chat_template(messages, chat_template=CHATML, add_generation_prompt=prompt)
+            assert (
+                ours.apply_chat_template(messages, chat_template=CHATML, add_generation_prompt=prompt)["input_ids"]
+                == other["input_ids"]
+            )
+    assert ours.transformers is None  # rendered by transformers' renderer, encoded here
+    ours.chat_template = CHATML  # setting one goes to transformers' tokenizer, which then replaces ours
+    assert ours.transformers is not None and ours.backend is None and ours.chat_template == CHATML
     assert_same(ours, reference)
 
 

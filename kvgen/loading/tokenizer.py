@@ -3,9 +3,10 @@
 transformers' fast tokenizers run the `tokenizers` library underneath. For a `tokenizer.json`
 that transformers loads as it is (its generic classes, `TokenizersBackend` and
 `PreTrainedTokenizerFast`), encoding and decoding through `tokenizers` directly give the same ids
-and text, and skip importing transformers: 0.9 s of a 3 s load of the default model. transformers
-is then loaded only for what it alone does here, rendering a chat template, on first use; from
-then on everything goes through its tokenizer, so there is only ever one in memory.
+and text, and skip importing transformers: 0.9 s of a 3 s load of the default model. A chat template is
+rendered by transformers' own Jinja renderer (imported on first use, 0.6 s) and encoded here.
+Only what kvgen does not mirror (setting a template, tools, documents) loads transformers'
+tokenizer, which from then on replaces the raw one, so there is only ever one in memory.
 
 Other tokenizers (model-specific classes, which may rebuild the pipeline in Python; a
 `tokenizer.json` whose BOS/EOS handling disagrees with `tokenizer_config.json`; no
@@ -20,6 +21,8 @@ from typing import Any
 
 # tokenizer_config.json classes that transformers builds from tokenizer.json unchanged.
 GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+# The named special tokens transformers hands a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
@@ -35,8 +38,7 @@ class Tokenizer:
             self.load_transformers()
 
     def load_transformers(self) -> Any:
-        """Load transformers' tokenizer now and use it for everything from then on (a server does
-        this as it starts, so that no chat request waits for it)."""
+        """Load transformers' tokenizer now and use it for everything from then on."""
         if self.transformers is None:
             from transformers import AutoTokenizer
 
@@ -96,9 +98,38 @@ class Tokenizer:
     def chat_template(self, template: str | None) -> None:
         self.load_transformers().chat_template = template
 
-    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> Any:
-        """transformers' `apply_chat_template`, exactly: loads transformers the first time."""
-        return self.load_transformers().apply_chat_template(messages, **kwargs)
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens, as chat templates see them (`bos_token`, `eos_token`, ...)."""
+        if self.transformers is not None:
+            return self.transformers.special_tokens_map
+        named = {name: self.config.get(name) for name in SPECIAL_TOKENS}
+        return {name: t.get("content") if isinstance(t, dict) else t for name, t in named.items() if t is not None}
+
+    def apply_chat_template(
+        self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = False, **kwargs: Any
+    ) -> dict[str, list[int]]:
+        """transformers' `apply_chat_template` for one conversation -> {"input_ids", "attention_mask"}.
+
+        Rendered by transformers' own Jinja renderer with the named special tokens, then encoded
+        without adding special tokens, which is what transformers does; other options (tools,
+        documents, ...) go to transformers' tokenizer itself.
+        """
+        template = chat_template or self.chat_template
+        if self.transformers is not None or kwargs or not template:
+            return self.load_transformers().apply_chat_template(
+                messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        (text,), _ = render_jinja_template(
+            conversations=[messages],
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens_map,
+        )
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

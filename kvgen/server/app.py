@@ -75,7 +75,8 @@ class Server:
         self.created = int(time.time())
         self.encode_lock = threading.Lock()  # fast tokenizers refuse concurrent encodes that reconfigure them
         self.template, self.template_stops = chat_template(self.lm)
-        self.lm.tokenizer.load_transformers()  # what rendering a chat needs, loaded before any request
+        # Rendered once now: the first chat request does not wait for the renderer to load.
+        render(self.lm, [{"role": "user", "content": "Hi"}], self.template)
 
     # Input ---------------------------------------------------------------------------------------
 
