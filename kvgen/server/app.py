@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator
@@ -75,8 +75,10 @@ class Server:
         self.created = int(time.time())
         self.encode_lock = threading.Lock()  # fast tokenizers refuse concurrent encodes that reconfigure them
         self.template, self.template_stops = chat_template(self.lm)
-        # Rendered once now: the first chat request does not wait for the renderer to load.
-        render(self.lm, [{"role": "user", "content": "Hi"}], self.template)
+        # Rendered once now, so that the first chat request does not wait for the renderer to load. A
+        # template may refuse this one-message conversation; each request reports its own errors.
+        with suppress(Exception):
+            render(self.lm, [{"role": "user", "content": "Hi"}], self.template)
 
     # Input ---------------------------------------------------------------------------------------
 
