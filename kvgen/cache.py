@@ -21,6 +21,11 @@ to rotate the keys by those positions after `update`, and this step's queries by
 
 On a CPU, half-precision keys and values are stored widened to float32 (`storage_dtype`): the same
 values, in the dtype CPU decode attends in.
+
+The fixed-shape kinds (static, and its ring for sliding layers) keep their write index in a tensor
+on the cache's device and write one-token steps with tensor ops only. Such a step reads no Python
+number that changes from step to step, so it can be recorded once as a CUDA graph and replayed
+(`kvgen.graphs`); their `graph_safe` says so.
 """
 
 from __future__ import annotations
@@ -161,28 +166,67 @@ class DynamicLayerCache:
         return 0 if self.buffers is None else self.keys.nbytes + self.values.nbytes
 
 
-class StaticLayerCache:
+class _IndexOnDevice:
+    """The write index of a fixed-shape cache, held in a (1,) tensor on the cache's device.
+
+    A one-token step writes at it and advances it with tensor ops alone (`_write_one`), so the step
+    never reads a Python number that a recorded CUDA graph would have frozen. Everything else reads
+    it as `index`, a Python int: one device sync, only outside decode steps.
+    """
+
+    graph_safe = True  # a one-token update is tensor ops only (see kvgen.graphs)
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    written: Tensor  # (1,) long: tokens written so far
+
+    @property
+    def index(self) -> int:
+        return int(self.written)
+
+    @index.setter
+    def index(self, value: int) -> None:
+        self.written.fill_(value)
+
+    def _slot(self) -> Tensor:
+        """(1,) slot of the next token."""
+        return self.written
+
+    def _write_one(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Store one token's (B, H, 1, D) entries in the next slot, then advance."""
+        slot = self._slot()
+        self.keys.index_copy_(2, slot, keys.to(self.keys.dtype))
+        self.values.index_copy_(2, slot, values.to(self.values.dtype))
+        self.positions.index_copy_(1, slot, positions)
+        self.written.add_(1)
+
+
+class StaticLayerCache(_IndexOnDevice):
     """Preallocated to `max_len` slots and written in place, never reallocated.
 
     This is how Flax caches keys and values: `lax.dynamic_update_slice` writes the new entries at
-    the current index of a fixed-shape buffer. Attention always sees the whole buffer; the slots
-    not yet written keep position -1, so the mask hides them.
+    the current index of a fixed-shape buffer, an index that is itself an array. Attention always
+    sees the whole buffer; the slots not yet written keep position -1, so the mask hides them.
     """
 
     rotates_keys = False  # keys are stored rotated at their text positions
 
     def __init__(self, batch: int, shape: LayerShape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         self.keys, self.values, self.positions = empty_slots(batch, shape, max_len, dtype, device)
-        self.index = 0  # next slot to write
+        self.written = torch.zeros(1, dtype=torch.long, device=device)  # the next slot to write
 
     def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        start, end = self.index, self.index + keys.shape[2]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"static cache is full: {end} tokens do not fit in {self.keys.shape[2]} slots")
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
-        self.positions[:, start:end] = positions
-        self.index = end
+        T, slots = keys.shape[2], self.keys.shape[2]
+        if T == 1:  # reads no Python number (a slot past the end fails in index_copy_)
+            self._write_one(keys, values, positions)
+            return self.keys, self.values, self.positions
+        start = self.index
+        if start + T > slots:
+            raise ValueError(f"static cache is full: {start + T} tokens do not fit in {slots} slots")
+        self.keys[:, :, start : start + T] = keys
+        self.values[:, :, start : start + T] = values
+        self.positions[:, start : start + T] = positions
+        self.index = start + T
         return self.keys, self.values, self.positions
 
     def truncate(self, keep: int) -> bool:
@@ -202,7 +246,7 @@ class StaticLayerCache:
         return self.keys.nbytes + self.values.nbytes
 
 
-class RingLayerCache:
+class RingLayerCache(_IndexOnDevice):
     """The static cache of a sliding-window layer: `window` preallocated slots, reused in turn.
 
     The i-th token of the stream lives in slot i % window, overwriting one that no later query can
@@ -217,12 +261,16 @@ class RingLayerCache:
     def __init__(self, batch: int, shape: LayerShape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         size = min(shape.window, max_len)  # a stream shorter than the window never wraps
         self.keys, self.values, self.positions = empty_slots(batch, shape, size, dtype, device)
-        self.index = 0  # tokens seen so far; the next one goes to slot index % size
+        # tokens seen so far; the next one goes to slot index % size
+        self.written = torch.zeros(1, dtype=torch.long, device=device)
+
+    def _slot(self) -> Tensor:
+        return self.written % self.keys.shape[2]
 
     def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         T, size = keys.shape[2], self.keys.shape[2]
         if T == 1:
-            self._write(keys, values, positions)
+            self._write_one(keys, values, positions)
             return self.keys, self.values, self.positions
         seen = (
             torch.cat([self.keys, keys], dim=2),

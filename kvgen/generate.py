@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from . import graphs
 from .cache import LayerCache, SinkLayerCache, check_sink, make_cache
 from .sampling import SamplingParams, sample
 
@@ -107,6 +108,7 @@ def generate_tokens(
     observe: Callable[[Step], None] | None = None,
     sink_tokens: int = 4,
     window: int | None = None,
+    cuda_graph: bool = True,
 ) -> Iterator[Tensor]:
     """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
 
@@ -115,6 +117,8 @@ def generate_tokens(
     is continued (a chat's earlier turns): only `prompts` are prefilled, at positions from `start`.
     `observe` is called with a `Step` after each step's sampling; without it the loop keeps no records.
     `cache_kind="sink"` keeps `sink_tokens` + `window` tokens and runs past the model's context.
+    On a GPU with the static cache, decode steps are recorded once as a CUDA graph and replayed
+    (`kvgen.graphs`), unless `cuda_graph=False` or `observe` wants each step's tensors.
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
@@ -141,6 +145,12 @@ def generate_tokens(
     # which the penalty already covers, so padding never changes a row's result.
     history = torch.where(positions >= 0, tokens, tokens[:, -1:]) if params.repetition_penalty != 1.0 else None
 
+    def decode(token: Tensor, position: Tensor) -> Tensor:
+        return decode_one(model, token, position, cache)
+
+    if cuda_graph and observe is None and graphs.can_record(cache, device):
+        decode = graphs.GraphDecoder(decode, len(prompts), device, graph=graphs.CudaGraph)
+
     started = time.perf_counter()
     logits = prefill(model, tokens, positions, cache)
     position = positions[:, -1] + 1
@@ -154,5 +164,5 @@ def generate_tokens(
             return
         if history is not None:
             history = torch.cat([history, token[:, None]], dim=1)
-        logits = decode_one(model, token, position, cache)
+        logits = decode(token, position)
         position = position + 1

@@ -80,6 +80,23 @@ def test_make_cache_sizes_each_layer():
     assert [c.window for c in dynamic] == [4, None, 64]
 
 
+def test_a_full_static_cache_refuses_the_next_token():
+    """Prefill and decode both refuse a token past the last slot; neither wraps onto slot 0. A
+    decode step's write index lives on the device (it reads no Python number, see kvgen.graphs),
+    so its refusal is index_copy_'s."""
+    (cache,) = make_cache("static", [LayerShape(H, D)], B, 4, torch.float32)
+    (q, k, v, positions), *decode = stream([3, 1, 1])
+    cache.update(k, v, positions)
+    _, k, v, positions = decode[0]
+    cache.update(k, v, positions)
+    assert cache.index == 4 and cache.written.device == k.device
+    with pytest.raises(ValueError, match="static cache is full: 6 tokens do not fit in 4 slots"):
+        cache.update(*next(stream([2], done=4))[1:])
+    with pytest.raises(IndexError, match="out of bounds"):
+        cache.update(*decode[1][1:])
+    assert cache.positions[1].tolist() == [-1, -1, -1, 0]  # slot 0 kept row 1's padding
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "static", "sink"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_caches_store_half_precision_widened_and_unchanged(kind, dtype):

@@ -137,7 +137,9 @@ def load_native(folder: Path, dtype: torch.dtype, device: torch.device | str) ->
             f"{folder}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
     model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
+    # Buffers computed at build time (RoPE frequencies) were made on the CPU: on another device a
+    # step would copy them over at every call, which a CUDA graph cannot record.
+    return model.to(device).eval().requires_grad_(False)
 
 
 def model_info(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -124,10 +124,13 @@ class Gemma3(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # A few numbers per layer type, made on the CPU even while the model is built on `meta`.
-        kinds = sorted(set(config.layer_types))
+        # A few numbers per layer type, made on the CPU even while the model is built on `meta`; buffers,
+        # so that moving the model moves them (a decode step then copies nothing from the host).
+        self.rope_freqs = nn.Module()
         with torch.device("cpu"):
-            self.inv_freq = {kind: rope_inv_freq(config.head_dim, config.rope_parameters[kind]) for kind in kinds}
+            for kind in sorted(set(config.layer_types)):
+                freqs = rope_inv_freq(config.head_dim, config.rope_parameters[kind])
+                self.rope_freqs.register_buffer(kind, freqs, persistent=False)
 
     def cache_layout(self) -> list[LayerShape]:
         """What each layer's KV cache stores per token; sliding layers need only their window."""
@@ -155,9 +158,10 @@ class Gemma3(nn.Module):
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         # transformers rounds sqrt(hidden_size) to the weights' dtype first (55.4256 becomes 55.5 in bfloat16).
         x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
-        rope = {kind: rope_cos_sin(positions, inv_freq, x.dtype) for kind, inv_freq in self.inv_freq.items()}
+        inv_freq = dict(self.rope_freqs.named_buffers())  # per layer type
+        rope = {kind: rope_cos_sin(positions, freqs, x.dtype) for kind, freqs in inv_freq.items()}
         for block, kind, layer_cache in zip(self.model.layers, self.config.layer_types, cache):
-            x = block(x, positions, rope[kind], self.inv_freq[kind], layer_cache)
+            x = block(x, positions, rope[kind], inv_freq[kind], layer_cache)
         if not all_logits:
             x = x[:, -1]  # only the last position picks the next token: no (T, vocab) product
         logits = self.lm_head(self.model.norm(x))
