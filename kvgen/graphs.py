@@ -1,7 +1,7 @@
 """Decode steps recorded once as a CUDA graph and replayed.
 
 On a GPU a small model's decode step is bound by launching kernels, not by the GPU: Gemma 3 270M
-issues about a thousand per token, each a few microseconds of Python and driver work for a kernel
+launches well over a thousand per token, each some microseconds of Python and driver work for a kernel
 that runs for less. A CUDA graph records the launches of one step and replays all of them with one
 call. A replay runs none of the step's Python: it repeats the same kernels on the same memory, with
 every Python number (a shape, a slice bound, a scalar) as it was while recording. So a step can be
