@@ -20,7 +20,7 @@ from .cache import LayerCache, SinkLayerCache, check_sink, make_cache
 from .sampling import SamplingParams, sample
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def prefill(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[LayerCache]) -> Tensor:
     """Run the whole (B, T) prompt once, filling the cache; returns the last position's (B, vocab) logits.
 
@@ -37,7 +37,7 @@ def prefill(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[Lay
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_one(model: nn.Module, token: Tensor, position: Tensor, cache: list[LayerCache]) -> Tensor:
     """Feed one (B,) token per row at its (B,) position; returns the next (B, vocab) logits."""
     return model(token[:, None], position[:, None], cache)

@@ -134,7 +134,7 @@ def check_policy(
     return window
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def token_nlls(
     model: nn.Module, ids: list[int], policy: str, window: int | None = None, sinks: int = 4, every: int = 1
 ) -> Iterator[tuple[int, float, list[LayerCache]]]:

@@ -140,7 +140,7 @@ def make_slack_cache(
     raise ValueError(f"speculative decoding supports the dynamic and static caches, not {kind!r}")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_tokens_prompt_lookup(
     model: nn.Module,
     prompt: list[int],

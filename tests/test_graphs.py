@@ -60,6 +60,10 @@ class RecordedGraph:
         if self.recorded:
             self.recorded = False
             return
+        with torch.inference_mode():  # as the recorded step ran (decode_one)
+            self._run_calls()
+
+    def _run_calls(self) -> None:
         for func, args, kwargs, out in self.calls:
             result = func(*args, **kwargs)
             for held, new in zip(tree_leaves(out), tree_leaves(result)):

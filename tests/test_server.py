@@ -311,15 +311,22 @@ def test_sixteen_concurrent_streams_equal_their_solo_runs(url, model):
 
 
 def test_a_client_that_hangs_up_frees_its_row(url, model):
-    cancelled = metric(url, 'requests_total{outcome="cancelled"}')
-    generated = metric(url, "generation_tokens_total")
-    assert len(stream_text(url, model, PROMPT, 240, stop_after=2)) > 0
-    deadline = time.monotonic() + 10  # freed at the engine's next step boundary
-    while metric(url, 'requests_total{outcome="cancelled"}') == cancelled and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """The tiny model decodes its 240 tokens in a fraction of a second, so now and then it has
+    finished before the hang-up reaches the engine, and there is nothing left to cancel: then the
+    request counts as finished, and the hang-up is tried again."""
+    for attempt in range(5):
+        cancelled = metric(url, 'requests_total{outcome="cancelled"}')
+        finished = metric(url, 'requests_total{outcome="finished"}')
+        generated = metric(url, "generation_tokens_total")
+        assert len(stream_text(url, model, PROMPT, 240, stop_after=2)) > 0
+        deadline = time.monotonic() + 10  # freed at the engine's next step boundary
+        while metric(url, "running_requests") > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(url, "running_requests") == 0
+        if metric(url, 'requests_total{outcome="finished"}') == finished:
+            break
     assert metric(url, 'requests_total{outcome="cancelled"}') == cancelled + 1
     assert metric(url, "generation_tokens_total") - generated < 240  # it did not run to the end
-    assert metric(url, "running_requests") == 0
 
 
 # Prompt-cache reuse -----------------------------------------------------------------------------

@@ -188,14 +188,17 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            try:
-                self._leave_cancelled()
-                self._admit()
-                if self.running:
-                    self._decode_step()
-            except Exception:  # a bug in the loop's own bookkeeping: fail who is running, keep serving
-                log.exception("engine step failed")
-                self._fail_all("internal error in the engine step")
+            # Every tensor the engine makes (its row caches included) is an inference tensor, so all
+            # of its work, freeing rows too, runs in inference mode (a decode step is faster in it).
+            with torch.inference_mode():
+                try:
+                    self._leave_cancelled()
+                    self._admit()
+                    if self.running:
+                        self._decode_step()
+                except Exception:  # a bug in the loop's own bookkeeping: fail who is running, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all("internal error in the engine step")
 
     def _leave_cancelled(self) -> None:
         for active in self.rows:
@@ -234,13 +237,12 @@ class Engine:
         tokens = torch.tensor([ids[keep:]], device=device)  # (1, T)
         positions = torch.arange(keep, len(ids), device=device)[None]
         prompt_logprobs = None
-        with torch.no_grad():
-            if request.prompt_logprobs:
-                every = self.model(tokens, positions, layers, all_logits=True)[0]  # (T, vocab)
-                logits = every[-1:]
-                prompt_logprobs = [(None, [])] + self._logprobs(every[:-1], ids[1:], request.logprobs or 0)
-            else:
-                logits = prefill(self.model, tokens, positions, layers)  # (1, vocab)
+        if request.prompt_logprobs:
+            every = self.model(tokens, positions, layers, all_logits=True)[0]  # (T, vocab)
+            logits = every[-1:]
+            prompt_logprobs = [(None, [])] + self._logprobs(every[:-1], ids[1:], request.logprobs or 0)
+        else:
+            logits = prefill(self.model, tokens, positions, layers)  # (1, vocab)
         for row_cache, cache in zip(self.cache, layers):
             row_cache.put(row, cache.keys, cache.values, cache.positions)
         active = _Active(self.lm, request, row, logits.shape[-1], device)
