@@ -169,9 +169,9 @@ class DynamicLayerCache:
 class _IndexOnDevice:
     """The write index of a fixed-shape cache, held in a (1,) tensor on the cache's device.
 
-    A one-token step writes at it and advances it with tensor ops alone (`_write_one`), so the step
-    never reads a Python number that a recorded CUDA graph would have frozen. Everything else reads
-    it as `index`, a Python int: one device sync, only outside decode steps.
+    Writes (`_write`) find their slots from it and advance it with tensor ops alone, so a decode
+    step never reads a Python number that a recorded CUDA graph would have frozen. Everything else
+    reads it as `index`, a Python int: one device sync, only outside decode steps.
     """
 
     graph_safe = True  # a one-token update is tensor ops only (see kvgen.graphs)
@@ -188,17 +188,17 @@ class _IndexOnDevice:
     def index(self, value: int) -> None:
         self.written.fill_(value)
 
-    def _slot(self) -> Tensor:
-        """(1,) slot of the next token."""
-        return self.written
+    def _slots(self, n: int, skipped: int) -> Tensor:
+        """(n,) slots of stream tokens index + skipped ... onwards."""
+        return self.written + skipped + torch.arange(n, device=self.written.device)
 
-    def _write_one(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        """Store one token's (B, H, 1, D) entries in the next slot, then advance."""
-        slot = self._slot()
-        self.keys.index_copy_(2, slot, keys.to(self.keys.dtype))
-        self.values.index_copy_(2, slot, values.to(self.values.dtype))
-        self.positions.index_copy_(1, slot, positions)
-        self.written.add_(1)
+    def _write(self, keys: Tensor, values: Tensor, positions: Tensor, skipped: int = 0) -> None:
+        """Store (B, H, n, D) entries as stream tokens index + skipped ... onwards, then advance."""
+        slots = self._slots(keys.shape[2], skipped)
+        self.keys.index_copy_(2, slots, keys.to(self.keys.dtype))
+        self.values.index_copy_(2, slots, values.to(self.values.dtype))
+        self.positions.index_copy_(1, slots, positions)
+        self.written.add_(skipped + keys.shape[2])
 
 
 class StaticLayerCache(_IndexOnDevice):
@@ -218,7 +218,7 @@ class StaticLayerCache(_IndexOnDevice):
     def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         T, slots = keys.shape[2], self.keys.shape[2]
         if T == 1:  # reads no Python number (a slot past the end fails in index_copy_)
-            self._write_one(keys, values, positions)
+            self._write(keys, values, positions)
             return self.keys, self.values, self.positions
         start = self.index
         if start + T > slots:
@@ -264,13 +264,13 @@ class RingLayerCache(_IndexOnDevice):
         # tokens seen so far; the next one goes to slot index % size
         self.written = torch.zeros(1, dtype=torch.long, device=device)
 
-    def _slot(self) -> Tensor:
-        return self.written % self.keys.shape[2]
+    def _slots(self, n: int, skipped: int) -> Tensor:
+        return super()._slots(n, skipped) % self.keys.shape[2]
 
     def update(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         T, size = keys.shape[2], self.keys.shape[2]
         if T == 1:
-            self._write_one(keys, values, positions)
+            self._write(keys, values, positions)
             return self.keys, self.values, self.positions
         seen = (
             torch.cat([self.keys, keys], dim=2),
@@ -280,15 +280,6 @@ class RingLayerCache(_IndexOnDevice):
         kept = min(T, size)
         self._write(keys[:, :, T - kept :], values[:, :, T - kept :], positions[:, T - kept :], skipped=T - kept)
         return seen
-
-    def _write(self, keys: Tensor, values: Tensor, positions: Tensor, skipped: int = 0) -> None:
-        """Store (B, H, n, D) entries in the slots of stream tokens index + skipped ... onwards."""
-        start = self.index + skipped
-        slots = torch.arange(start, start + keys.shape[2], device=keys.device) % self.keys.shape[2]
-        self.keys.index_copy_(2, slots, keys.to(self.keys.dtype))
-        self.values.index_copy_(2, slots, values.to(self.values.dtype))
-        self.positions.index_copy_(1, slots, positions)
-        self.index = start + keys.shape[2]
 
     def truncate(self, keep: int) -> bool:
         """Forget every token after the first `keep`; False, changing nothing, if a token the next

@@ -134,7 +134,7 @@ def test_a_step_that_reads_a_changing_python_number_drifts(lm, recorded_graphs, 
     right when eager and wrong when replayed, because every replay writes the recorded slot."""
     from kvgen.cache import StaticLayerCache
 
-    def write_at_python_index(self, keys, values, positions):
+    def write_at_python_index(self, keys, values, positions, skipped=0):
         if "python_index" not in self.__dict__:
             self.python_index = self.index  # read once, in the eager first step
         start = self.python_index
@@ -145,7 +145,7 @@ def test_a_step_that_reads_a_changing_python_number_drifts(lm, recorded_graphs, 
         self.written.add_(1)
 
     eager = greedy(lm, "static", cuda_graph=False)
-    monkeypatch.setattr(StaticLayerCache, "_write_one", write_at_python_index)
+    monkeypatch.setattr(StaticLayerCache, "_write", write_at_python_index)
     assert greedy(lm, "static", cuda_graph=False) == eager
     assert greedy(lm, "static") != eager
 
