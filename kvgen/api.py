@@ -156,6 +156,7 @@ class LM:
         stats: SpeculativeStats | None = None,
         sink_tokens: int = 4,
         window: int | None = None,
+        compile_step: bool = False,
     ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
@@ -163,6 +164,8 @@ class LM:
             raise ValueError("continuing a KV cache or observing the steps needs the native backend")
         if cache == "sink" and (self.backend != "native" or speculative is not None):
             raise ValueError("the sink cache needs the native backend and plain (not speculative) decoding")
+        if compile_step and (self.backend != "native" or speculative is not None):
+            raise ValueError("compile_step needs the native backend and plain (not speculative) decoding")
         if speculative is not None:
             check_speculative(speculative, params, len(prompts), self.backend, draft_tokens, ngram_size)
             if kv_cache is not None or observe is not None:
@@ -179,7 +182,17 @@ class LM:
             eos = self.eos_token_ids if stop_at_eos else []
             return generate_tokens_hf(self.model, prompts, max_new_tokens, params, eos, pad, cache)
         return generate_tokens(
-            self.model, prompts, max_new_tokens, params, cache, kv_cache, cached_tokens, observe, sink_tokens, window
+            self.model,
+            prompts,
+            max_new_tokens,
+            params,
+            cache,
+            kv_cache,
+            cached_tokens,
+            observe,
+            sink_tokens,
+            window,
+            compile_step=compile_step,
         )
 
     def stream_batch(
@@ -198,6 +211,7 @@ class LM:
         ngram_size: int = 3,
         sink_tokens: int = 4,
         window: int | None = None,
+        compile_step: bool = False,
         **sampling,
     ) -> Iterator[list[Response | None]]:
         """Yield, per step, one `Response` per prompt (None once that prompt has finished).
@@ -209,7 +223,9 @@ class LM:
         its last `ngram_size` (down to 2) tokens (`kvgen.speculative`); the tokens are the same, and
         the final `Timings.speculative` counts drafted and accepted tokens. `cache="sink"` keeps the
         first `sink_tokens` and the last `window` tokens (default: the context less the sinks) and
-        runs past the model's context (`kvgen.cache.SinkLayerCache`).
+        runs past the model's context (`kvgen.cache.SinkLayerCache`). `compile_step=True` (with
+        `cache="static"`) runs decode steps through `torch.compile`: the same tokens, faster once
+        the first step has compiled (seconds; `kvgen.generate.decode_compiled`).
         """
         if not prompts:
             raise ValueError("no prompts given")
@@ -236,6 +252,7 @@ class LM:
                 stats,
                 sink_tokens=sink_tokens,
                 window=window,
+                compile_step=compile_step,
             )
         ) as steps:
             for step, tokens in enumerate(steps):
@@ -338,6 +355,7 @@ class LM:
         ngram_size: int = 3,
         sink_tokens: int = 4,
         window: int | None = None,
+        compile_step: bool = False,
     ) -> Result:
         """Generate up to `max_new_tokens` tokens after `prompt`.
 
@@ -349,7 +367,9 @@ class LM:
         backend) also records every step's shapes and caches in `Result.trace` (`kvgen.trace`).
         `speculative="prompt_lookup"` (greedy, native backend) drafts up to `draft_tokens` tokens
         per forward from earlier text matching the last `ngram_size` tokens, with the same result;
-        `timings.speculative` holds its counts.
+        `timings.speculative` holds its counts. `compile_step=True` (with `cache="static"`) runs the
+        decode steps through `torch.compile`: the same tokens, faster once compiled (the first
+        step waits for it: seconds).
         """
         tracer = None
         if trace:
@@ -378,6 +398,7 @@ class LM:
             ngram_size=ngram_size,
             sink_tokens=sink_tokens,
             window=window,
+            compile_step=compile_step,
         )
         if tracer is not None:
             result.trace = tracer.records

@@ -35,7 +35,12 @@ from .loading.tokenizer import load_tokenizer
 
 SYSTEMS = ("kvgen", "hf", "llama.cpp")
 PEERS = SYSTEMS[1:]
-LABELS = {"kvgen": "kvgen", "hf": "transformers", "llama.cpp": "llama.cpp (llama-cpp-python)"}
+LABELS = {
+    "kvgen": "kvgen",
+    "kvgen-compiled": "kvgen, compiled step",
+    "hf": "transformers",
+    "llama.cpp": "llama.cpp (llama-cpp-python)",
+}
 RESULT_KEYS = ("system", "decode_tok_s", "prefill_tok_s", "ttft_s", "load_s", "peak_rss_mb", "bandwidth_pct")
 LLAMA_CPP_HINT = "pip install 'kvgen[bench]' (installs llama-cpp-python; it compiles llama.cpp for several minutes)"
 
@@ -133,11 +138,13 @@ def load_kvgen(spec: dict) -> tuple[Generate, int]:
     from kvgen.generate import generate_tokens
 
     lm = kvgen.load(spec["model"], dtype=spec["dtype"])
+    # kvgen-compiled: the static cache, its decode step through torch.compile (generate.decode_compiled)
+    compiled = dict(cache_kind="static", compile_step=True) if spec["system"] == "kvgen-compiled" else {}
 
     def generate(ids: list[int], batch: int, n: int) -> tuple[list[int], float, list[float]]:
         tokens, stamps = [], []
         start = time.perf_counter()
-        for step in generate_tokens(lm.model, [ids] * batch, n):
+        for step in generate_tokens(lm.model, [ids] * batch, n, **compiled):
             tokens.append(int(step[0]))
             stamps.append(time.perf_counter())
         return tokens, start, stamps
@@ -208,7 +215,7 @@ def load_llama_cpp(spec: dict) -> tuple[Generate, int]:
     return generate, gguf_bytes_per_token(gguf_tensor_bytes(Path(spec["model_file"])))
 
 
-LOADERS = {"kvgen": load_kvgen, "hf": load_hf, "llama.cpp": load_llama_cpp}
+LOADERS = {"kvgen": load_kvgen, "kvgen-compiled": load_kvgen, "hf": load_hf, "llama.cpp": load_llama_cpp}
 
 
 def measure(spec: dict) -> list[dict]:
@@ -220,7 +227,11 @@ def measure(spec: dict) -> list[dict]:
     ids, n = spec["ids"], spec["new_tokens"]
     rows = []
     for batch in spec["batches"]:
-        generate(ids, batch, 2)  # warm-up at the timed length: kernel choice, first-touch pages
+        # Warm-up at the timed prompt length: kernel choice, first-touch pages. A compiled step is
+        # compiled here, for the timed cache size (so at the full length), and its time reported.
+        warm_up = time.perf_counter()
+        generate(ids, batch, n if spec["system"] == "kvgen-compiled" else 2)
+        warm_up = time.perf_counter() - warm_up
         runs = [generate(ids, batch, n) for _ in range(spec["repeats"])]
         ttft = statistics.median(stamps[0] - begin for _, begin, stamps in runs)
         decode = statistics.median(batch * (n - 1) / (stamps[-1] - stamps[0]) for _, _, stamps in runs)
@@ -236,6 +247,7 @@ def measure(spec: dict) -> list[dict]:
                 weight_bytes_per_token=weight_bytes,
                 gb_s=weight_bytes * decode / batch / 1e9,  # a step reads the weights once for the whole batch
                 tokens=runs[0][0],
+                warm_up_s=warm_up,
             )
         )
     return rows
@@ -400,7 +412,7 @@ def bench_figure(results: list[dict], title: str):
         ("peak_rss_mb", "peak RSS, MB"),
         ("bandwidth_pct", "% of memory bandwidth limit"),
     )
-    colours = {"kvgen": "tab:blue", "hf": "tab:orange", "llama.cpp": "tab:green"}
+    colours = {"kvgen": "tab:blue", "kvgen-compiled": "tab:cyan", "hf": "tab:orange", "llama.cpp": "tab:green"}
     labels = [f"{r['system']}\nbatch {r['batch']}" for r in results]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     for ax, (key, name) in zip(axes.flat, panels):
@@ -464,7 +476,7 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     folder, load_note = _model_folder(source, dtype, gguf)
     _check_fits(folder, dtype, args.prompt_tokens, args.new_tokens)
-    systems = ["kvgen", *args.against]
+    systems = ["kvgen", *(["kvgen-compiled"] if args.compile else []), *args.against]
     if "llama.cpp" in systems and (problem := llama_cpp_problem() or (None if gguf else "it needs a GGUF file")):
         print(f"kvgen bench: skipping llama.cpp: {problem}", file=sys.stderr)
         systems.remove("llama.cpp")
@@ -502,6 +514,12 @@ def run_bench(args: argparse.Namespace) -> int:
     ]
     if "llama.cpp" in systems:
         notes.append("llama.cpp runs batch 1 only, on the GGUF's own quantised weights")
+    for r in results:
+        if r["system"] == "kvgen-compiled":
+            notes.append(
+                f"kvgen, compiled step: static cache; batch {r['batch']}'s untimed warm-up, compiling included, "
+                f"took {r['warm_up_s']:.1f} s"
+            )
     print_table(results, title, notes)
     if args.json:
         doc = dict(machine=machine, model=str(source), dtype=dtype, prompt_tokens=len(ids))

@@ -131,6 +131,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import kvgen
 
     kwargs = {**_generation_kwargs(args), **_speculative_kwargs(args)}
+    if args.compile:  # refuse before loading a model
+        if args.cache != "static" or args.speculative is not None or args.backend != "native":
+            raise ValueError("--compile needs --cache static, the native backend and plain (not speculative) decoding")
+        kwargs["compile_step"] = True
     if args.speculative is not None:  # refuse before loading a model
         params = SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
         check_speculative(args.speculative, params, 1, args.backend, args.draft_tokens, args.ngram_size)
@@ -525,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--backend", choices=BACKENDS, default="native")
     _add_speculative_args(p)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --cache static: decode steps through torch.compile (same tokens; the first step compiles for seconds)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     p.set_defaults(run=cmd_generate)
 
@@ -608,6 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--against", type=parse_peers, default=["hf", "llama.cpp"], metavar="SYSTEM[,SYSTEM]",
         help="peers run after kvgen: hf, llama.cpp, or none (default hf,llama.cpp)",
     )  # fmt: skip
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run kvgen with its decode step through torch.compile (static cache)",
+    )
     p.add_argument("--prompt-tokens", type=_positive_int, default=500, metavar="N", help="default 500")
     p.add_argument("--new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
     p.add_argument("--batch", type=parse_batches, default=[1], metavar="B[,B]", help="batch sizes (default 1)")

@@ -20,6 +20,9 @@ buffers, and `kvgen.load(..., fast=False)` gives the plain reference path.
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +53,37 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+# `torch.compile` (kvgen.generate's `compile_step`) cannot trace an opaque packed tensor, so a
+# compiled step reaches each packed weight through a handle: a tensor of `out_features` entries
+# holding the weight's number in `_PACKED`, passed to an op of our own that the compiler keeps as
+# one call. A tensor, because a Python int would be frozen into the graph as a constant, and every
+# layer would then multiply by the first layer's weight.
+_PACKED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+_library = torch.library.Library("kvgen", "DEF")
+_library.define("packed_linear(Tensor x, Tensor handle, Tensor? bias) -> Tensor")
+_library.impl("packed_linear", lambda x, handle, bias: packed_linear(x, _PACKED[int(handle[0])], bias), "CPU")
+torch.library.register_fake(
+    "kvgen::packed_linear", lambda x, handle, bias: x.new_empty(*x.shape[:-1], handle.shape[0]), lib=_library
+)
+
+
+def handle_for(packed: Tensor) -> Tensor:
+    """The handle a compiled step multiplies `packed` by (see above)."""
+    number = next(_numbers)
+    _PACKED[number] = packed
+    return torch.full((packed.size(0),), number, dtype=torch.int64)
+
+
+_numbers = itertools.count()
+
+
+def packed_product(module: nn.Module, i: int, x: Tensor, bias: Tensor | None) -> Tensor:
+    """x times `module`'s i-th packed weight, `packed{i}`, or through `handle{i}` while compiling."""
+    if torch.compiler.is_compiling():
+        return torch.ops.kvgen.packed_linear(x, getattr(module, f"handle{i}"), bias)
+    return packed_linear(x, getattr(module, f"packed{i}"), bias)
+
+
 PACK_CHUNK_BYTES = 64 << 20  # weights larger than this are packed in row blocks of about this size
 
 
@@ -72,15 +106,16 @@ class PackedLinear(nn.Linear):
             block = self.weight[start : start + self.rows]
             populate_file_pages([block])  # read whole now: map it in one call
             self.register_buffer(f"packed{i}", pack(block), persistent=False)
+            self.register_buffer(f"handle{i}", handle_for(getattr(self, f"packed{i}")), persistent=False)
             release_file_pages([block])
 
     def forward(self, x: Tensor) -> Tensor:
         if len(self.starts) == 1:
-            return packed_linear(x, self.packed0, self.bias)
+            return packed_product(self, 0, x, self.bias)
         parts = []
         for i, start in enumerate(self.starts):
             bias = None if self.bias is None else self.bias[start : start + self.rows]
-            parts.append(packed_linear(x, getattr(self, f"packed{i}"), bias))
+            parts.append(packed_product(self, i, x, bias))
         return torch.cat(parts, dim=-1)
 
 
@@ -100,6 +135,9 @@ class FusedLinear(nn.Module):
         self.packed = packed
         self.register_buffer("weight", pack(weight) if packed else weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        if packed:  # packed_product's names for the one packed weight
+            self.packed0 = self.weight
+            self.register_buffer("handle0", handle_for(self.weight), persistent=False)
         if not packed:  # the originals become views of the fused tensors: one copy of the weights
             for linear, w in zip(linears, weight.split(self.sizes)):
                 linear.weight = nn.Parameter(w, requires_grad=False)
@@ -107,7 +145,7 @@ class FusedLinear(nn.Module):
                 linear.bias = nn.Parameter(b, requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        y = packed_linear(x, self.weight, self.bias) if self.packed else F.linear(x, self.weight, self.bias)
+        y = packed_product(self, 0, x, self.bias) if self.packed else F.linear(x, self.weight, self.bias)
         return y.split(self.sizes, dim=-1)
 
 

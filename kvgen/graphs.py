@@ -59,9 +59,15 @@ class CudaGraph:
         return out
 
 
+def graph_safe(cache: list[LayerCache]) -> bool:
+    """Whether decode steps over `cache` read no Python number that changes from step to step, so
+    that a CUDA graph can record one (and `torch.compile` compile one once)."""
+    return all(getattr(layer, "graph_safe", False) for layer in cache)
+
+
 def can_record(cache: list[LayerCache], device: torch.device) -> bool:
     """Whether decode steps over `cache` on `device` can be recorded as a CUDA graph."""
-    return device.type == "cuda" and all(getattr(layer, "graph_safe", False) for layer in cache)
+    return device.type == "cuda" and graph_safe(cache)
 
 
 class GraphDecoder:

@@ -24,6 +24,14 @@ def test_generate_streams_text_and_timings(cli, gpt2_tiny):
     assert "decode 12 tok" in err and "[length]" in err
 
 
+def test_generate_with_a_compiled_step(cli, gpt2_tiny):
+    args = ("generate", "It was the best", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--json", "--cache", "static")
+    code, out, _ = cli(*args)
+    code_compiled, out_compiled, _ = cli(*args, "--compile")
+    assert code == code_compiled == 0
+    assert json.loads(out_compiled)["token_ids"] == json.loads(out)["token_ids"]
+
+
 def test_compare_reports_identical(cli, gpt2_tiny):
     code, out, _ = cli("compare", "It was the best", "-m", gpt2_tiny, "-n", 48, "--ignore-eos", "--json")
     doc = json.loads(out)
@@ -47,6 +55,7 @@ BAD = {
     "context overflow": (["generate", "hi", "-m", "{model}", "-n", "300"], "exceeds the model's context of 256"),
     "not a number": (["generate", "hi", "-m", "{model}", "-n", "many"], "not a whole number"),
     "no command": ([], "required"),
+    "compile, dynamic cache": (["generate", "hi", "-m", "{model}", "--compile"], "--compile needs --cache static"),
 }
 
 

@@ -92,7 +92,7 @@ def recorded_graphs(monkeypatch, as_on_a_gpu):
 
     graph.warm_up = RecordedGraph.warm_up
     monkeypatch.setattr(graphs, "CudaGraph", graph)
-    monkeypatch.setattr(graphs, "can_record", lambda cache, device: all(getattr(c, "graph_safe", False) for c in cache))
+    monkeypatch.setattr(graphs, "can_record", lambda cache, device: graphs.graph_safe(cache))
     return made
 
 
@@ -159,3 +159,19 @@ def test_decode_step_has_no_host_sync(lm, as_on_a_gpu):
     with graph.record():
         logits = decode_one(lm.model, torch.tensor([8]), torch.tensor([3]), cache)
     assert logits.shape == (1, lm.model.lm_head.out_features) and graph.calls
+
+
+def test_compiled_step_gives_the_eager_tokens(lm):
+    """The same property serves torch.compile: a step over the static cache compiles once and is
+    then reused at every step (a recompile per step would show as a second entry per shape)."""
+    from torch._dynamo.utils import counters
+
+    eager = greedy(lm, "static")
+    graphs_before = counters["stats"]["unique_graphs"]
+    assert greedy(lm, "static", compile_step=True) == eager
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert greedy(lm, "static", compile_step=True) == eager  # the same shapes: nothing compiles again
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert greedy(lm, "dynamic") == eager
+    with pytest.raises(ValueError, match="compile_step needs the static cache"):
+        greedy(lm, "dynamic", compile_step=True)

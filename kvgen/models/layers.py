@@ -19,8 +19,9 @@ def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int |
     """
     # Every layer of a forward asks for the same mask (per window): on a CPU the last one built is
     # handed out again while the positions are equal, which is checked, never assumed (on a GPU the
-    # check would wait for the device, and building it costs no more).
-    last = _last_mask.get(window)
+    # check would wait for the device, and building it costs no more; a compiled step fuses it).
+    compiling = torch.compiler.is_compiling()
+    last = None if compiling else _last_mask.get(window)
     if last is not None and _same(last[0], query_positions) and _same(last[1], key_positions):
         return last[2]
     q = query_positions[:, None, :, None]
@@ -29,7 +30,7 @@ def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int |
     if window is not None:
         visible &= k > q - window
     mask = visible | (q < 0)
-    if mask.device.type == "cpu":
+    if mask.device.type == "cpu" and not compiling:
         _last_mask[window] = (query_positions.clone(), key_positions.clone(), mask)  # clones: caches write in place
     return mask
 
