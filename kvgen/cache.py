@@ -227,7 +227,9 @@ class StaticLayerCache(_IndexOnDevice):
         self.values[:, :, start : start + T] = values
         self.positions[:, start : start + T] = positions
         self.index = start + T
-        return self.keys, self.values, self.positions
+        # Only a decode step needs the fixed shape; a prefill attends over the slots written so far,
+        # as the dynamic cache does, not over the empty tail as well.
+        return self.keys[:, :, : start + T], self.values[:, :, : start + T], self.positions[:, : start + T]
 
     def truncate(self, keep: int) -> bool:
         """Forget every token after the first `keep`: their slots go back to position -1."""
@@ -272,11 +274,14 @@ class RingLayerCache(_IndexOnDevice):
         if T == 1:
             self._write(keys, values, positions)
             return self.keys, self.values, self.positions
-        seen = (
-            torch.cat([self.keys, keys], dim=2),
-            torch.cat([self.values, values], dim=2),
-            torch.cat([self.positions, positions], dim=1),
-        )
+        if self.index:
+            seen = (
+                torch.cat([self.keys, keys], dim=2),
+                torch.cat([self.values, values], dim=2),
+                torch.cat([self.positions, positions], dim=1),
+            )
+        else:  # an empty ring adds nothing for the new queries to attend to
+            seen = (keys.to(self.keys.dtype), values.to(self.values.dtype), positions)
         kept = min(T, size)
         self._write(keys[:, :, T - kept :], values[:, :, T - kept :], positions[:, T - kept :], skipped=T - kept)
         return seen

@@ -194,10 +194,11 @@ prompt + new tokens, and writes each step's keys and values **in place** at the 
 `(batch, kv_heads, T + N, head_dim)` = `{_shape(static[0].layers[global_layer].keys)}`, with a write index
 that advances by one per step. Like Flax's, the index is a tensor, on the cache's device, so a decode
 step reads no Python number that changes: on a GPU the step can be recorded once as a CUDA graph and
-replayed (`kvgen/graphs.py`). Attention always sees the whole buffer; the slots not yet written
-hold position -1 and the mask hides them, which is why the mask's last dimension is the allocated
-length at every step. A sliding-window layer gets a **ring** of `window` slots instead, written at
-(tokens so far) mod window.
+replayed (`kvgen/graphs.py`). A decode step always sees the whole buffer; the slots not yet
+written hold position -1 and the mask hides them, which is why the mask's last dimension is the
+allocated length at every decode step (the prefill, which needs no fixed shape, sees only the slots
+it wrote). A sliding-window layer gets a **ring** of `window` slots instead, written at (tokens so
+far) mod window.
 
 {shapes_table(static)}
 
