@@ -157,6 +157,11 @@ def load_hf(spec: dict) -> tuple[Generate, int]:
     loader (`gguf_file=`), a folder directly; each step timed by a streamer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
+    from transformers.utils import logging
+
+    # Silenced here, not for every worker: importing transformers would count in kvgen's peak RSS.
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
     path = Path(spec["model_file"])
     folder, extra = (path.parent, dict(gguf_file=path.name)) if spec["gguf"] else (path, {})
@@ -254,10 +259,6 @@ def measure(spec: dict) -> list[dict]:
 
 
 def worker_main(spec_json: str) -> None:
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     print(json.dumps(measure(json.loads(spec_json))))
 
 
