@@ -1,13 +1,16 @@
 """`kvgen bench`: kvgen beside its peers (transformers, llama.cpp) on the same model file.
 
-Every system runs in its own subprocess (`python -m kvgen.bench --worker SPEC`, which prints one
-JSON line), one after another, so its load time and peak RSS are its own. The parent encodes the
-prompt once with kvgen's tokenizer and hands every worker the same token ids, measures this
-machine's memory read bandwidth once, and collects the workers' figures into a table, a JSON
-document and a plot.
+Every system runs in its own subprocess (`python -m kvgen.bench --worker SPEC`), so its load time
+and peak RSS are its own. The parent encodes the prompt once with kvgen's tokenizer and hands every
+worker the same token ids, measures this machine's memory read bandwidth once, and collects the
+workers' figures into a table, a JSON document and a plot.
 
-In each worker, per batch size (ascending): one warm-up run at the timed prompt length (excluded),
-then `repeats` greedy runs of exactly `new_tokens` tokens through EOS; every figure is the median.
+The workers load one after another, then stay up and take turns: per batch size (ascending),
+each runs one warm-up at the timed prompt length (excluded), then `repeats` rounds in which every
+system runs once, greedy, exactly `new_tokens` tokens through EOS, in an order rotated each round.
+A shared machine that slows down for a minute then costs every system alike, rather than whichever
+ran during that minute, so the ratios between systems hold better than the figures themselves.
+Every figure is the median of a system's runs:
     ttft_s         call to first token (prefill plus the first sampling)
     prefill_tok_s  batch x prompt tokens / ttft_s
     decode_tok_s   batch x (new tokens - 1) / (time of the last token - time of the first)
@@ -25,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -223,43 +227,26 @@ def load_llama_cpp(spec: dict) -> tuple[Generate, int]:
 LOADERS = {"kvgen": load_kvgen, "kvgen-compiled": load_kvgen, "hf": load_hf, "llama.cpp": load_llama_cpp}
 
 
-def measure(spec: dict) -> list[dict]:
-    """Load one system, then time it at each batch size: one figure dict per batch size."""
+def worker_main(spec_json: str) -> None:
+    """One system in its own process: load it, reply with the load time, then answer each request
+    read from stdin, `[batch, new_tokens]`, with one timed generation. A reply is one JSON line."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the libraries print goes to stderr, never between the replies
+
+    def reply(**fields) -> None:
+        replies.write(json.dumps(fields) + "\n")
+        replies.flush()
+
+    spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
     generate, weight_bytes = LOADERS[spec["system"]](spec)
-    load_s = time.perf_counter() - start
-    ids, n = spec["ids"], spec["new_tokens"]
-    rows = []
-    for batch in spec["batches"]:
-        # Warm-up at the timed prompt length: kernel choice, first-touch pages. A compiled step is
-        # compiled here, for the timed cache size (so at the full length), and its time reported.
-        warm_up = time.perf_counter()
-        generate(ids, batch, n if spec["system"] == "kvgen-compiled" else 2)
-        warm_up = time.perf_counter() - warm_up
-        runs = [generate(ids, batch, n) for _ in range(spec["repeats"])]
-        ttft = statistics.median(stamps[0] - begin for _, begin, stamps in runs)
-        decode = statistics.median(batch * (n - 1) / (stamps[-1] - stamps[0]) for _, _, stamps in runs)
-        rows.append(
-            dict(
-                system=spec["system"],
-                batch=batch,
-                decode_tok_s=decode,
-                prefill_tok_s=batch * len(ids) / ttft,
-                ttft_s=ttft,
-                load_s=load_s,
-                peak_rss_mb=peak_rss_mb(),
-                weight_bytes_per_token=weight_bytes,
-                gb_s=weight_bytes * decode / batch / 1e9,  # a step reads the weights once for the whole batch
-                tokens=runs[0][0],
-                warm_up_s=warm_up,
-            )
-        )
-    return rows
-
-
-def worker_main(spec_json: str) -> None:
-    print(json.dumps(measure(json.loads(spec_json))))
+    reply(load_s=time.perf_counter() - start, weight_bytes_per_token=weight_bytes)
+    for line in sys.stdin:
+        batch, n = json.loads(line)
+        tokens, begin, stamps = generate(spec["ids"], batch, n)
+        reply(tokens=tokens, seconds=stamps[-1] - begin, ttft_s=stamps[0] - begin, decode_s=stamps[-1] - stamps[0],
+              peak_rss_mb=peak_rss_mb())  # fmt: skip
 
 
 # ---- parent: machine, prompt, workers, table, JSON, plot ----------------------------------------
@@ -347,17 +334,133 @@ def prompt_ids(folder: Path, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_worker(spec: dict) -> list[dict] | None:
-    """Run one system's `measure` in a fresh Python process; None (and the reason on stderr) if it fails."""
-    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
-    command = [sys.executable, "-m", "kvgen.bench", "--worker", json.dumps(spec)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])  # the worker's last line is its result
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    print(f"kvgen bench: {spec['system']} failed (exit status {done.returncode}): {last}", file=sys.stderr)
-    return None
+class Worker:
+    """One system's worker process (`python -m kvgen.bench --worker SPEC`), loaded on creation and
+    then asked for one generation at a time; `loaded` is its first reply, None if it failed."""
+
+    def __init__(self, spec: dict) -> None:
+        self.system = spec["system"]
+        self.errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the worker
+        env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+        command = [sys.executable, "-m", "kvgen.bench", "--worker", json.dumps(spec)]
+        pipe = subprocess.PIPE
+        self.process = subprocess.Popen(command, env=env, stdin=pipe, stdout=pipe, stderr=self.errors, text=True)
+        self.loaded = self._reply()
+
+    def run(self, batch: int, new_tokens: int) -> dict | None:
+        """One generation: {tokens, seconds, ttft_s, decode_s, peak_rss_mb}; None if the worker failed."""
+        try:
+            self.process.stdin.write(json.dumps([batch, new_tokens]) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has exited: _reply says why
+        return self._reply()
+
+    def _reply(self) -> dict | None:
+        if line := self.process.stdout.readline():
+            return json.loads(line)
+        code = self.process.wait()
+        self.errors.seek(0)
+        last = (self.errors.read().strip().splitlines() or [f"exit status {code}"])[-1]
+        print(f"kvgen bench: {self.system} failed (exit status {code}): {last}", file=sys.stderr)
+        return None
+
+    def close(self) -> None:
+        """End the requests (the worker then exits) and wait for it; kill it if it hangs."""
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:  # it had exited already
+            pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+        self.errors.close()
+
+
+def schedule(batches: dict[str, list[int]], repeats: int) -> list[tuple[str, int, bool]]:
+    """The order of the runs, as (system, batch, timed): batch sizes ascending; at each, every
+    system's untimed warm-up, then `repeats` rounds in which every system runs once, in an order
+    rotated each round. A machine that slows down or speeds up meanwhile weighs on all alike."""
+    order = []
+    for batch in sorted({b for sizes in batches.values() for b in sizes}):
+        systems = [system for system, sizes in batches.items() if batch in sizes]
+        order += [(system, batch, False) for system in systems]
+        for r in range(repeats):
+            turn = r % len(systems)
+            order += [(system, batch, True) for system in systems[turn:] + systems[:turn]]
+    return order
+
+
+def figures(system: str, batch: int, prompt_len: int, loaded: dict, runs: list[dict], warm_up_s: float) -> dict:
+    """One result row from a system's timed runs at one batch size (medians)."""
+    n = len(runs[0]["tokens"])
+    ttft = statistics.median(run["ttft_s"] for run in runs)
+    decode = statistics.median(batch * (n - 1) / run["decode_s"] for run in runs)
+    return dict(
+        system=system,
+        batch=batch,
+        decode_tok_s=decode,
+        prefill_tok_s=batch * prompt_len / ttft,
+        ttft_s=ttft,
+        load_s=loaded["load_s"],
+        peak_rss_mb=runs[-1]["peak_rss_mb"],  # after this batch size's last run
+        weight_bytes_per_token=loaded["weight_bytes_per_token"],
+        # a step reads the weights once for the whole batch
+        gb_s=loaded["weight_bytes_per_token"] * decode / batch / 1e9,
+        tokens=runs[0]["tokens"],
+        warm_up_s=warm_up_s,
+    )
+
+
+# After a run, a worker's idle OpenMP threads spin for ~10 ms of CPU (measured with torch's) before
+# they sleep: the next run waits that long, so that it starts with both cores.
+SETTLE_S = 0.05
+
+
+def measure_all(base: dict, batches: dict[str, list[int]], repeats: int) -> list[dict]:
+    """Load each system in its own worker, one after another, then run them interleaved (`schedule`):
+    one result row per system and batch size, for the systems that ran to the end."""
+    workers: dict[str, Worker] = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
+    warm_ups: dict[tuple[str, int], float] = {}
+    try:
+        for system in batches:
+            print(f"kvgen bench: loading {LABELS[system]} ...", file=sys.stderr, flush=True)
+            worker = Worker(dict(base, system=system))
+            if worker.loaded:
+                workers[system] = worker
+            else:
+                worker.close()
+        current = None
+        for system, batch, timed in schedule({s: batches[s] for s in workers}, repeats):
+            if system not in workers:  # failed earlier
+                continue
+            if batch != current:
+                current = batch
+                rounds = f"a warm-up each, then {repeats} rounds taking turns"
+                print(f"kvgen bench: batch {batch}: {rounds} ...", file=sys.stderr, flush=True)
+            # The warm-up runs at the timed prompt length (kernel choice, first-touch pages); a compiled
+            # step compiles in it, for the timed cache size (so at the full length), and its time is reported.
+            full = timed or system == "kvgen-compiled"
+            time.sleep(SETTLE_S)
+            result = workers[system].run(batch, base["new_tokens"] if full else 2)
+            if result is None:
+                workers.pop(system).close()
+            elif timed:
+                runs.setdefault((system, batch), []).append(result)
+            else:
+                warm_ups[system, batch] = result["seconds"]
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return [
+        figures(system, batch, len(base["ids"]), workers[system].loaded, runs[system, batch], warm_ups[system, batch])
+        for system in workers
+        for batch in batches[system]
+    ]
 
 
 def _threads(n: int) -> str:
@@ -488,16 +591,14 @@ def run_bench(args: argparse.Namespace) -> int:
     machine = machine_info(threads, gb_s)
     base = dict(
         model=str(source), model_file=str(source if gguf else folder), gguf=gguf, dtype=dtype, threads=threads,
-        ids=ids, new_tokens=args.new_tokens, repeats=args.repeats,
+        ids=ids, new_tokens=args.new_tokens,
     )  # fmt: skip
+    batches = {system: [1] if system == "llama.cpp" else args.batch for system in systems}
     results = []
-    for system in systems:
-        batches = [1] if system == "llama.cpp" else args.batch
-        print(f"kvgen bench: {LABELS[system]}, batch {','.join(map(str, batches))} ...", file=sys.stderr, flush=True)
-        for row in run_worker(dict(base, system=system, batches=batches)) or []:
-            row["weights"] = "GGUF as stored" if system == "llama.cpp" else dtype
-            row["bandwidth_pct"] = 100 * row["gb_s"] / gb_s
-            results.append({key: row[key] for key in RESULT_KEYS} | row)  # the documented keys first
+    for row in measure_all(base, batches, args.repeats):
+        row["weights"] = "GGUF as stored" if row["system"] == "llama.cpp" else dtype
+        row["bandwidth_pct"] = 100 * row["gb_s"] / gb_s
+        results.append({key: row[key] for key in RESULT_KEYS} | row)  # the documented keys first
     if not results:
         print("kvgen bench: no system ran", file=sys.stderr)
         return 1

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import kvgen
-from kvgen.bench import RESULT_KEYS, gguf_bytes_per_token, gguf_tensor_bytes, weight_bytes_per_token
+from kvgen.bench import (
+    RESULT_KEYS,
+    Worker,
+    gguf_bytes_per_token,
+    gguf_tensor_bytes,
+    schedule,
+    weight_bytes_per_token,
+)
 from kvgen.cli import main
 from kvgen.testing import build_gemma3
 
@@ -126,3 +133,23 @@ def test_gguf_bytes_of_the_default_model_include_its_tied_embedding():
     assert 100e6 < gguf_bytes_per_token(sizes) < path.stat().st_size
     untied = {**sizes, "output.weight": sizes["token_embd.weight"]}  # a separate head: the table is a lookup
     assert gguf_bytes_per_token(untied) == sum(sizes.values())
+
+
+def test_runs_take_turns_in_rotating_rounds_after_every_warm_up():
+    order = schedule({"kvgen": [1, 8], "hf": [1, 8], "llama.cpp": [1]}, repeats=2)
+    warm_up_1 = [("kvgen", 1, False), ("hf", 1, False), ("llama.cpp", 1, False)]
+    rounds_1 = [("kvgen", 1, True), ("hf", 1, True), ("llama.cpp", 1, True)]
+    rounds_1 += [("hf", 1, True), ("llama.cpp", 1, True), ("kvgen", 1, True)]
+    at_8 = [("kvgen", 8, False), ("hf", 8, False), ("kvgen", 8, True), ("hf", 8, True)]
+    at_8 += [("hf", 8, True), ("kvgen", 8, True)]
+    assert order == warm_up_1 + rounds_1 + at_8
+
+
+def test_a_worker_that_cannot_load_says_why_in_one_line(capsys):
+    spec = dict(system="kvgen", model="/no/such/model", dtype="float32", threads=1, ids=[1, 2], new_tokens=2)
+    worker = Worker(spec)
+    worker.close()
+    assert worker.loaded is None
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("kvgen bench: kvgen failed (exit status 1):")
+    assert "model not found" in message[0]
