@@ -8,9 +8,8 @@ workers' figures into a table, a JSON document and a plot.
 The workers load one after another, then stay up and take turns: per batch size (ascending),
 each runs one warm-up at the timed prompt length (excluded), then `repeats` rounds in which every
 system runs once, greedy, exactly `new_tokens` tokens through EOS, in an order rotated each round.
-A shared machine that slows down for a minute then costs every system alike, rather than whichever
-ran during that minute, so the ratios between systems hold better than the figures themselves.
-Every figure is the median of a system's runs:
+A shared machine that slows down for a while then costs every system alike, rather than whichever
+ran during that while. Every figure is the median of a system's runs:
     ttft_s         call to first token (prefill plus the first sampling)
     prefill_tok_s  batch x prompt tokens / ttft_s
     decode_tok_s   batch x (new tokens - 1) / (time of the last token - time of the first)
@@ -398,7 +397,8 @@ def figures(system: str, batch: int, prompt_len: int, loaded: dict, runs: list[d
     """One result row from a system's timed runs at one batch size (medians)."""
     n = len(runs[0]["tokens"])
     ttft = statistics.median(run["ttft_s"] for run in runs)
-    decode = statistics.median(batch * (n - 1) / run["decode_s"] for run in runs)
+    decodes = [batch * (n - 1) / run["decode_s"] for run in runs]
+    decode = statistics.median(decodes)
     return dict(
         system=system,
         batch=batch,
@@ -412,6 +412,7 @@ def figures(system: str, batch: int, prompt_len: int, loaded: dict, runs: list[d
         gb_s=loaded["weight_bytes_per_token"] * decode / batch / 1e9,
         tokens=runs[0]["tokens"],
         warm_up_s=warm_up_s,
+        decode_tok_s_runs=decodes,  # each timed run's, in the order they ran: the spread behind the median
     )
 
 

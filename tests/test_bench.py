@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -64,6 +65,7 @@ def test_json_has_the_schema_and_one_result_per_system_and_batch(bench_run):
             assert isinstance(r[key], float) and r[key] > 0, (r["system"], key, r[key])
         assert r["peak_rss_mb"] < 1000  # the worker's own peak, not the parent's (which holds a 1 GiB probe)
         assert len(r["tokens"]) == 8 and r["weights"] == "float32"
+        assert len(r["decode_tok_s_runs"]) == 3 and statistics.median(r["decode_tok_s_runs"]) == r["decode_tok_s"]
         assert r["bandwidth_pct"] == pytest.approx(100 * r["gb_s"] / machine["memory_read_gb_s"])
     kvgen_1 = next(r for r in doc["results"] if r["system"] == "kvgen" and r["batch"] == 1)
     hf_1 = next(r for r in doc["results"] if r["system"] == "hf" and r["batch"] == 1)
