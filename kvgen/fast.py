@@ -10,8 +10,10 @@ computed (each output is the same dot product; only the order of its additions m
 - **Prepacked weights.** oneDNN reorders a weight once into the blocked layout its CPU kernel
   reads; `F.linear` does the equivalent work on every call, or streams a layout its kernel reads
   slowly. On an AVX-512 EPYC this took a decode step's matrix products from ~36 to ~26 ms (Gemma
-  3 270M, bfloat16; its 262k-row LM head alone from 19 to 12 ms). Whether it pays is the CPU's business, so it is measured once per processor
-  (`kvgen.loading.dtype`), not assumed.
+  3 270M, bfloat16; its 262k-row LM head alone from 19 to 12 ms). Whether it pays is the CPU's
+  business, so it is measured once per processor (`kvgen.loading.dtype`), not assumed. The packed
+  weights' pages are advised into 2 MB ones (`kvgen.loading.advise_huge_pages`): fewer address
+  translations for a step that streams them all.
 
 The model files call `layers.project`, which takes the fused product when this module built one.
 State dicts keep the checkpoint's names and tensors: what is built here lives in non-persistent
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .loading import populate_file_pages, release_file_pages
+from .loading import advise_huge_pages, populate_file_pages, release_file_pages
 
 # Sibling linear maps of one input that a fused product replaces, and the attribute it takes.
 FUSIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -106,6 +108,7 @@ class PackedLinear(nn.Linear):
             block = self.weight[start : start + self.rows]
             populate_file_pages([block])  # read whole now: map it in one call
             self.register_buffer(f"packed{i}", pack(block), persistent=False)
+            advise_huge_pages([getattr(self, f"packed{i}")])
             self.register_buffer(f"handle{i}", handle_for(getattr(self, f"packed{i}")), persistent=False)
             release_file_pages([block])
 
@@ -136,6 +139,7 @@ class FusedLinear(nn.Module):
         self.register_buffer("weight", pack(weight) if packed else weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         if packed:  # packed_product's names for the one packed weight
+            advise_huge_pages([self.weight])
             self.packed0 = self.weight
             self.register_buffer("handle0", handle_for(self.weight), persistent=False)
         if not packed:  # the originals become views of the fused tensors: one copy of the weights

@@ -3,13 +3,14 @@ user sees. The reference is the same checkpoint loaded with `fast=False` (plain 
 which test_llama_qwen, test_gemma3 and test_gpt2 hold against transformers)."""
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import kvgen
-from kvgen.fast import FusedLinear, PackedLinear, speed_up
+from kvgen.fast import FusedLinear, PackedLinear, packing_available, speed_up
 from kvgen.generate import generate_tokens
 from kvgen.loading import populate_file_pages, release_file_pages
 from kvgen.loading.dtype import packing_pays
@@ -102,3 +103,35 @@ def test_released_pages_still_read_the_same_values(folder, dtype):
     assert state.keys() == on_disk.keys()
     for name, t in on_disk.items():
         assert torch.equal(state[name], t.to(state[name].dtype)), name
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping holding `address` (Linux's /proc/self/smaps)."""
+    mapping = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            start, end = (int(part, 16) for part in head.split("-"))
+            mapping = start <= address < end
+        elif mapping and head == "VmFlags:":
+            return line.split()[1:]
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    "[never]"
+    in (open(THP).read() if os.path.exists(THP := "/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"),
+    reason="no transparent huge pages on this machine",
+)
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
+def test_packed_weights_are_advised_into_huge_pages():
+    """Every decode step streams the packed weights whole: their pages are marked for 2 MB pages
+    (`hg`), which the kernel's khugepaged then merges (kvgen.loading.advise_huge_pages)."""
+    linear = torch.nn.Linear(1024, 4096, bias=False)  # 16 MB in float32
+    packed = PackedLinear(linear).packed0
+    middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
+    assert "hg" in _vm_flags(middle)
+    fused = FusedLinear([torch.nn.Linear(1024, 2048), torch.nn.Linear(1024, 2048)], packed=True).weight
+    assert "hg" in _vm_flags(torch.ops.mkldnn.data_ptr(fused) + torch.ops.mkldnn._nbytes(fused) // 2)
+    plain = torch.empty(4 << 20)  # not a packed weight: not advised
+    assert "hg" not in _vm_flags(plain.data_ptr() + plain.nbytes // 2)

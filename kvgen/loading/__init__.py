@@ -184,12 +184,14 @@ def return_freed_memory() -> None:
         pass
 
 
+MADV_HUGEPAGE = 14  # back these pages with 2 MB ones where the kernel can (khugepaged merges them)
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are dropped, nothing is lost
 MADV_POPULATE_READ = 22  # Linux 5.14+: map these pages now, in one call, instead of one fault per page
 
 
 def _advise_pages(tensors: list[Tensor], advice: int) -> None:
-    """madvise() the whole pages inside each CPU tensor; does nothing where that is not possible."""
+    """madvise() the whole pages inside each CPU tensor (oneDNN's packed ones included); does
+    nothing where that is not possible."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -199,10 +201,15 @@ def _advise_pages(tensors: list[Tensor], advice: int) -> None:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap.PAGESIZE
     for t in tensors:
-        if t.device.type == "cpu":
-            first, last = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
-            if last > first:
-                madvise(first, last - first, advice)  # an old kernel's EINVAL only means no effect
+        if t.device.type != "cpu":
+            continue
+        if t.is_mkldnn:  # oneDNN's packed layout: no storage, but an address and a size
+            start, size = torch.ops.mkldnn.data_ptr(t), torch.ops.mkldnn._nbytes(t)
+        else:
+            start, size = t.data_ptr(), t.nbytes
+        first, last = -(-start // page) * page, (start + size) // page * page
+        if last > first:
+            madvise(first, last - first, advice)  # an old kernel's EINVAL only means no effect
 
 
 def release_file_pages(tensors: list[Tensor]) -> None:
@@ -213,6 +220,19 @@ def release_file_pages(tensors: list[Tensor]) -> None:
     anonymous memory (weights converted at load) can only be swapped out, where there is swap.
     """
     _advise_pages(tensors, MADV_PAGEOUT)
+
+
+def advise_huge_pages(tensors: list[Tensor]) -> None:
+    """Ask for the pages of weights that every decode step streams to be 2 MB ones.
+
+    A step reads 536 MB of Gemma 3 270M's weights: in 4 kB pages that is 131k translations, each a
+    TLB miss. With its packed weights in 2 MB pages (merged at once with MADV_COLLAPSE, for the
+    test) a step took 34.8-36.2 ms against 36.8-37.2 ms, in 3 of 3 alternating pairs. Merging them
+    at load would cost ~0.9 s, so this only advises it: the kernel's khugepaged merges them in the
+    background (here 368 MB of them within 4 minutes), so a long-running process (a server, a chat)
+    gets there; where transparent huge pages are off, nothing changes.
+    """
+    _advise_pages(tensors, MADV_HUGEPAGE)
 
 
 def populate_file_pages(tensors: list[Tensor]) -> None:
