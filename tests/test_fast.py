@@ -3,7 +3,7 @@ user sees. The reference is the same checkpoint loaded with `fast=False` (plain 
 which test_llama_qwen, test_gemma3 and test_gpt2 hold against transformers)."""
 
 import json
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,10 +118,11 @@ def _vm_flags(address: int) -> list[str]:
     raise LookupError(f"no mapping holds {address:#x}")
 
 
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
 @pytest.mark.skipif(
-    "[never]"
-    in (open(THP).read() if os.path.exists(THP := "/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"),
-    reason="no transparent huge pages on this machine",
+    not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(), reason="no transparent huge pages here"
 )
 @pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
 def test_packed_weights_are_advised_into_huge_pages():
