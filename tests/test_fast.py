@@ -3,6 +3,7 @@ user sees. The reference is the same checkpoint loaded with `fast=False` (plain 
 which test_llama_qwen, test_gemma3 and test_gpt2 hold against transformers)."""
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import kvgen
-from kvgen.fast import FusedLinear, PackedLinear, packing_available, speed_up
+from kvgen.fast import FusedLinear, PackedLinear, merge_packed_pages, packing_available, speed_up
 from kvgen.generate import generate_tokens
 from kvgen.loading import populate_file_pages, release_file_pages
 from kvgen.loading.dtype import packing_pays
@@ -136,3 +137,32 @@ def test_packed_weights_are_advised_into_huge_pages():
     assert "hg" in _vm_flags(torch.ops.mkldnn.data_ptr(fused) + torch.ops.mkldnn._nbytes(fused) // 2)
     plain = torch.empty(4 << 20)  # not a packed weight: not advised
     assert "hg" not in _vm_flags(plain.data_ptr() + plain.nbytes // 2)
+
+
+def _anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping holding `address`, in kB (Linux's /proc/self/smaps)."""
+    mapping = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            mapping = start <= address < end
+        elif mapping and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(), reason="no transparent huge pages here"
+)
+@pytest.mark.skipif(
+    tuple(int(part) for part in platform.release().split(".")[:2]) < (6, 1), reason="MADV_COLLAPSE needs Linux 6.1"
+)
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
+def test_merging_puts_packed_weights_in_huge_pages_now():
+    """What a compiled step does before its long run (kvgen.fast.merge_packed_pages)."""
+    model = torch.nn.Sequential(PackedLinear(torch.nn.Linear(1024, 4096, bias=False)))  # 16 MB, packed
+    packed = model[0].packed0
+    middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
+    merge_packed_pages(model)
+    assert _anon_huge_kb(middle) >= 12 * 1024  # 16 MB holds at least 7 whole 2 MB pages, wherever it starts

@@ -161,17 +161,22 @@ def test_decode_step_has_no_host_sync(lm, as_on_a_gpu):
     assert logits.shape == (1, lm.model.lm_head.out_features) and graph.calls
 
 
-def test_compiled_step_gives_the_eager_tokens(lm):
+def test_compiled_step_gives_the_eager_tokens(lm, monkeypatch):
     """The same property serves torch.compile: a step over the static cache compiles once and is
-    then reused at every step (a recompile per step would show as a second entry per shape)."""
+    then reused at every step (a recompile per step would show as a second entry per shape). Its
+    first step also merges the model's packed weights into 2 MB pages, once."""
     from torch._dynamo.utils import counters
 
+    merged = []
+    monkeypatch.setattr(kvgen.fast, "merge_huge_pages", merged.append)
     eager = greedy(lm, "static")
     graphs_before = counters["stats"]["unique_graphs"]
     assert greedy(lm, "static", compile_step=True) == eager
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
     assert greedy(lm, "static", compile_step=True) == eager  # the same shapes: nothing compiles again
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    packed = [b for b in lm.model.buffers() if b.is_mkldnn]
+    assert len(merged) == 1 and len(merged[0]) == len(packed) and all(a is b for a, b in zip(merged[0], packed))
     assert greedy(lm, "dynamic") == eager
     with pytest.raises(ValueError, match="compile_step needs the static cache"):
         greedy(lm, "dynamic", compile_step=True)
