@@ -53,7 +53,7 @@ COMPILED_CACHE_SLOTS = 256  # a compiled step's static cache is a multiple of th
 def decode_compiled(model: nn.Module, token: Tensor, position: Tensor, cache: list[LayerCache]) -> Tensor:
     """`decode_one` through `torch.compile`: the step's ~1,800 small ops fused into a few kernels.
 
-    Compiled once per model and cache shape (the first call takes seconds: 6 s for Gemma 3 270M
+    Compiled once per model and cache shape (the first call takes seconds: 7 s for Gemma 3 270M
     with inductor's cache warm, 30 s cold); packed products stay oneDNN's (`fast.packed_product`).
     Only caches whose decode step reads no changing Python number can be compiled (`graph_safe`):
     the static kind. Precision casts are emulated, so the tokens are the eager step's. The first
