@@ -106,15 +106,15 @@ def test_released_pages_still_read_the_same_values(folder, dtype):
         assert torch.equal(state[name], t.to(state[name].dtype)), name
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The kernel's VmFlags of the mapping holding `address` (Linux's /proc/self/smaps)."""
+def _smaps(address: int, field: str) -> list[str]:
+    """A field of the kernel's record of the mapping holding `address` (Linux's /proc/self/smaps)."""
     mapping = None
     for line in open("/proc/self/smaps"):
         head = line.split()[0]
         if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
             start, end = (int(part, 16) for part in head.split("-"))
             mapping = start <= address < end
-        elif mapping and head == "VmFlags:":
+        elif mapping and head == field:
             return line.split()[1:]
     raise LookupError(f"no mapping holds {address:#x}")
 
@@ -132,24 +132,11 @@ def test_packed_weights_are_advised_into_huge_pages():
     linear = torch.nn.Linear(1024, 4096, bias=False)  # 16 MB in float32
     packed = PackedLinear(linear).packed0
     middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
-    assert "hg" in _vm_flags(middle)
+    assert "hg" in _smaps(middle, "VmFlags:")
     fused = FusedLinear([torch.nn.Linear(1024, 2048), torch.nn.Linear(1024, 2048)], packed=True).weight
-    assert "hg" in _vm_flags(torch.ops.mkldnn.data_ptr(fused) + torch.ops.mkldnn._nbytes(fused) // 2)
+    assert "hg" in _smaps(torch.ops.mkldnn.data_ptr(fused) + torch.ops.mkldnn._nbytes(fused) // 2, "VmFlags:")
     plain = torch.empty(4 << 20)  # not a packed weight: not advised
-    assert "hg" not in _vm_flags(plain.data_ptr() + plain.nbytes // 2)
-
-
-def _anon_huge_kb(address: int) -> int:
-    """AnonHugePages of the mapping holding `address`, in kB (Linux's /proc/self/smaps)."""
-    mapping = None
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(part, 16) for part in head.split("-"))
-            mapping = start <= address < end
-        elif mapping and head == "AnonHugePages:":
-            return int(line.split()[1])
-    raise LookupError(f"no mapping holds {address:#x}")
+    assert "hg" not in _smaps(plain.data_ptr() + plain.nbytes // 2, "VmFlags:")
 
 
 @pytest.mark.skipif(
@@ -165,4 +152,6 @@ def test_merging_puts_packed_weights_in_huge_pages_now():
     packed = model[0].packed0
     middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
     merge_packed_pages(model)
-    assert _anon_huge_kb(middle) >= 12 * 1024  # 16 MB holds at least 7 whole 2 MB pages, wherever it starts
+    assert (
+        int(_smaps(middle, "AnonHugePages:")[0]) >= 12 * 1024
+    )  # 16 MB holds at least 7 whole 2 MB pages, wherever it starts
