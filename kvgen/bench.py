@@ -35,12 +35,14 @@ from typing import Callable
 import torch
 
 from .loading.tokenizer import load_tokenizer
+from .screen import ScreenedHead
 
 SYSTEMS = ("kvgen", "hf", "llama.cpp")
 PEERS = SYSTEMS[1:]
 LABELS = {
     "kvgen": "kvgen",
     "kvgen-compiled": "kvgen, compiled step",
+    "kvgen-screened": "kvgen, int8-screened head",
     "hf": "transformers",
     "llama.cpp": "llama.cpp (llama-cpp-python)",
 }
@@ -114,6 +116,9 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, torch.nn.Embedding) and m.weight.untyped_storage().data_ptr() not in linear:
             total -= (m.weight.shape[0] - 1) * m.weight[0].numel() * m.weight.element_size()
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, ScreenedHead):  # a greedy step reads its int8 copy (its few confirmed rows aside)
+        total -= head.weight.numel() * (head.weight.element_size() - 1)
     return total
 
 
@@ -140,7 +145,7 @@ def load_kvgen(spec: dict) -> tuple[Generate, int]:
     import kvgen
     from kvgen.generate import generate_tokens
 
-    lm = kvgen.load(spec["model"], dtype=spec["dtype"])
+    lm = kvgen.load(spec["model"], dtype=spec["dtype"], screen_head=spec["system"] == "kvgen-screened")
     # kvgen-compiled: the static cache, its decode step through torch.compile (generate.decode_compiled)
     compiled = dict(cache_kind="static", compile_step=True) if spec["system"] == "kvgen-compiled" else {}
 
@@ -223,7 +228,13 @@ def load_llama_cpp(spec: dict) -> tuple[Generate, int]:
     return generate, gguf_bytes_per_token(gguf_tensor_bytes(Path(spec["model_file"])))
 
 
-LOADERS = {"kvgen": load_kvgen, "kvgen-compiled": load_kvgen, "hf": load_hf, "llama.cpp": load_llama_cpp}
+LOADERS = {
+    "kvgen": load_kvgen,
+    "kvgen-compiled": load_kvgen,
+    "kvgen-screened": load_kvgen,
+    "hf": load_hf,
+    "llama.cpp": load_llama_cpp,
+}
 
 
 def worker_main(spec_json: str) -> None:
@@ -517,7 +528,8 @@ def bench_figure(results: list[dict], title: str):
         ("peak_rss_mb", "peak RSS, MB"),
         ("bandwidth_pct", "% of memory bandwidth limit"),
     )
-    colours = {"kvgen": "tab:blue", "kvgen-compiled": "tab:cyan", "hf": "tab:orange", "llama.cpp": "tab:green"}
+    colours = {"kvgen": "tab:blue", "kvgen-compiled": "tab:cyan", "kvgen-screened": "tab:purple"}
+    colours |= {"hf": "tab:orange", "llama.cpp": "tab:green"}
     labels = [f"{r['system']}\nbatch {r['batch']}" for r in results]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     for ax, (key, name) in zip(axes.flat, panels):
@@ -581,7 +593,12 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     folder, load_note = _model_folder(source, dtype, gguf)
     _check_fits(folder, dtype, args.prompt_tokens, args.new_tokens)
-    systems = ["kvgen", *(["kvgen-compiled"] if args.compile else []), *args.against]
+    systems = [
+        "kvgen",
+        *(["kvgen-compiled"] if args.compile else []),
+        *(["kvgen-screened"] if args.screen_head else []),
+    ]
+    systems += args.against
     if "llama.cpp" in systems and (problem := llama_cpp_problem() or (None if gguf else "it needs a GGUF file")):
         print(f"kvgen bench: skipping llama.cpp: {problem}", file=sys.stderr)
         systems.remove("llama.cpp")

@@ -138,7 +138,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.speculative is not None:  # refuse before loading a model
         params = SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
         check_speculative(args.speculative, params, 1, args.backend, args.draft_tokens, args.ngram_size)
-    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    lm = kvgen.load(
+        args.model, dtype=args.dtype, device=args.device, backend=args.backend, screen_head=args.screen_head
+    )
     if args.json:
         print(json.dumps(lm.generate(args.prompt, args.max_new_tokens, **kwargs).as_dict(), indent=2))
         return 0
@@ -534,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --cache static: decode steps through torch.compile (same tokens; the first step compiles for seconds)",
     )
+    p.add_argument(
+        "--screen-head",
+        action="store_true",
+        help="greedy steps read the LM head in int8 and confirm their token exactly (same tokens; ~1 s more load)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     p.set_defaults(run=cmd_generate)
 
@@ -621,6 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="also run kvgen with its decode step through torch.compile (static cache)",
+    )
+    p.add_argument(
+        "--screen-head",
+        action="store_true",
+        help="also run kvgen with its greedy steps reading the LM head in int8, exactly (kvgen.screen)",
     )
     p.add_argument("--prompt-tokens", type=_positive_int, default=500, metavar="N", help="default 500")
     p.add_argument("--new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,23 +59,23 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 
 # `torch.compile` (kvgen.generate's `compile_step`) cannot trace an opaque packed tensor, so a
 # compiled step reaches each packed weight through a handle: a tensor of `out_features` entries
-# holding the weight's number in `_PACKED`, passed to an op of our own that the compiler keeps as
+# holding the weight's number in `HANDLED`, passed to an op of our own that the compiler keeps as
 # one call. A tensor, because a Python int would be frozen into the graph as a constant, and every
-# layer would then multiply by the first layer's weight.
-_PACKED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
-_library = torch.library.Library("kvgen", "DEF")
-_library.define("packed_linear(Tensor x, Tensor handle, Tensor? bias) -> Tensor")
-_library.impl("packed_linear", lambda x, handle, bias: packed_linear(x, _PACKED[int(handle[0])], bias), "CPU")
+# layer would then multiply by the first layer's weight. (kvgen.screen's head is reached the same way.)
+HANDLED: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+library = torch.library.Library("kvgen", "DEF")
+library.define("packed_linear(Tensor x, Tensor handle, Tensor? bias) -> Tensor")
+library.impl("packed_linear", lambda x, handle, bias: packed_linear(x, HANDLED[int(handle[0])], bias), "CPU")
 torch.library.register_fake(
-    "kvgen::packed_linear", lambda x, handle, bias: x.new_empty(*x.shape[:-1], handle.shape[0]), lib=_library
+    "kvgen::packed_linear", lambda x, handle, bias: x.new_empty(*x.shape[:-1], handle.shape[0]), lib=library
 )
 
 
-def handle_for(packed: Tensor) -> Tensor:
-    """The handle a compiled step multiplies `packed` by (see above)."""
+def handle_for(target: Any, out_features: int) -> Tensor:
+    """The handle through which a compiled step reaches `target` (see above)."""
     number = next(_numbers)
-    _PACKED[number] = packed
-    return torch.full((packed.size(0),), number, dtype=torch.int64)
+    HANDLED[number] = target
+    return torch.full((out_features,), number, dtype=torch.int64)
 
 
 _numbers = itertools.count()
@@ -109,7 +111,8 @@ class PackedLinear(nn.Linear):
             populate_file_pages([block])  # read whole now: map it in one call
             self.register_buffer(f"packed{i}", pack(block), persistent=False)
             advise_huge_pages([getattr(self, f"packed{i}")])
-            self.register_buffer(f"handle{i}", handle_for(getattr(self, f"packed{i}")), persistent=False)
+            packed = getattr(self, f"packed{i}")
+            self.register_buffer(f"handle{i}", handle_for(packed, packed.size(0)), persistent=False)
             release_file_pages([block])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -141,7 +144,7 @@ class FusedLinear(nn.Module):
         if packed:  # packed_product's names for the one packed weight
             advise_huge_pages([self.weight])
             self.packed0 = self.weight
-            self.register_buffer("handle0", handle_for(self.weight), persistent=False)
+            self.register_buffer("handle0", handle_for(self.weight, self.weight.size(0)), persistent=False)
         if not packed:  # the originals become views of the fused tensors: one copy of the weights
             for linear, w in zip(linears, weight.split(self.sizes)):
                 linear.weight = nn.Parameter(w, requires_grad=False)
@@ -164,10 +167,13 @@ def _fusable(linears: list[nn.Module]) -> bool:
     )
 
 
-def speed_up(model: nn.Module, pack_weights: bool) -> nn.Module:
+def speed_up(model: nn.Module, pack_weights: bool, screen_head: bool = False, store: Path | None = None) -> nn.Module:
     """Build the fast path into a loaded model, in place: fuse sibling projections, let modules
     precompute what they can from their weights (`prepare`), then (with `pack_weights`, on a CPU)
     prepack every remaining linear weight, the LM head included.
+
+    `screen_head` makes greedy steps read the LM head in int8, exactly (`kvgen.screen`; kept in
+    `store` once computed); its full-precision copy is then packed only when something needs every logit.
 
     The checkpoint tensors the fast path no longer reads are handed back to the operating system,
     one by one, where they are memory-mapped (`release_file_pages`), so that memory holds one copy
@@ -187,6 +193,12 @@ def speed_up(model: nn.Module, pack_weights: bool) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "prepare"):  # what a module precomputes from its weights (Gemma's norm scales)
             module.prepare()
+    head = getattr(model, "lm_head", None)
+    from . import screen  # it builds on this module's handles
+
+    if screen_head and screen.available(head):
+        make_full = (lambda: PackedLinear(head)) if pack_weights and can_pack(head.weight) else None
+        model.lm_head = screen.ScreenedHead(head, make_full, store)
     if pack_weights:
         for module in list(model.modules()):
             for name, child in list(module.named_children()):

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from . import fast, graphs
+from . import fast, graphs, screen
 from .cache import LayerCache, SinkLayerCache, check_sink, make_cache
 from .sampling import SamplingParams, sample
 
@@ -188,8 +188,11 @@ def generate_tokens(
     if not compile_step and cuda_graph and observe is None and graphs.can_record(cache, device):
         decode = graphs.GraphDecoder(decode, len(prompts), device, graph=graphs.CudaGraph)
 
+    # A plain greedy choice reads only the argmax: a screened head may then skip most logits (kvgen.screen).
+    argmax_only = params.greedy and params.repetition_penalty == 1.0 and observe is None
     started = time.perf_counter()
-    logits = prefill(model, tokens, positions, cache)
+    with screen.argmax_only(model, argmax_only):
+        logits = prefill(model, tokens, positions, cache)
     position = positions[:, -1] + 1
     for step in range(max_new_tokens):
         token = sample(logits, params, generator, history)
@@ -201,5 +204,6 @@ def generate_tokens(
             return
         if history is not None:
             history = torch.cat([history, token[:, None]], dim=1)
-        logits = decode(token, position)
+        with screen.argmax_only(model, argmax_only):
+            logits = decode(token, position)
         position = position + 1
