@@ -517,9 +517,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(
         args.model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.dtype, args.device,
-        args.served_model_name, args.prompt_cache_mb,
+        args.served_model_name, args.prompt_cache_mb, args.screen_head,
     )  # fmt: skip
     return 0
+
+
+def _add_screen_head_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--screen-head",
+        action="store_true",
+        help="greedy steps read the LM head in int8 and confirm their token exactly (same tokens; ~1 s more load)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,11 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --cache static: decode steps through torch.compile (same tokens; the first step compiles for seconds)",
     )
-    p.add_argument(
-        "--screen-head",
-        action="store_true",
-        help="greedy steps read the LM head in int8 and confirm their token exactly (same tokens; ~1 s more load)",
-    )
+    _add_screen_head_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     p.set_defaults(run=cmd_generate)
 
@@ -664,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $KVGEN_API_KEY)")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send (default: -m)")
     p.add_argument("--prompt-cache-mb", type=float, default=256, metavar="MB", help="prefix KV kept (0 = off)")
+    _add_screen_head_arg(p)
     p.set_defaults(run=cmd_serve)
     return parser
 
