@@ -43,6 +43,7 @@ LABELS = {
     "kvgen": "kvgen",
     "kvgen-compiled": "kvgen, compiled step",
     "kvgen-screened": "kvgen, int8-screened head",
+    "kvgen-compiled-screened": "kvgen, compiled step, int8-screened head",
     "hf": "transformers",
     "llama.cpp": "llama.cpp (llama-cpp-python)",
 }
@@ -145,9 +146,9 @@ def load_kvgen(spec: dict) -> tuple[Generate, int]:
     import kvgen
     from kvgen.generate import generate_tokens
 
-    lm = kvgen.load(spec["model"], dtype=spec["dtype"], screen_head=spec["system"] == "kvgen-screened")
+    lm = kvgen.load(spec["model"], dtype=spec["dtype"], screen_head="screened" in spec["system"])
     # kvgen-compiled: the static cache, its decode step through torch.compile (generate.decode_compiled)
-    compiled = dict(cache_kind="static", compile_step=True) if spec["system"] == "kvgen-compiled" else {}
+    compiled = dict(cache_kind="static", compile_step=True) if "compiled" in spec["system"] else {}
 
     def generate(ids: list[int], batch: int, n: int) -> tuple[list[int], float, list[float]]:
         tokens, stamps = [], []
@@ -232,6 +233,7 @@ LOADERS = {
     "kvgen": load_kvgen,
     "kvgen-compiled": load_kvgen,
     "kvgen-screened": load_kvgen,
+    "kvgen-compiled-screened": load_kvgen,
     "hf": load_hf,
     "llama.cpp": load_llama_cpp,
 }
@@ -456,7 +458,7 @@ def measure_all(base: dict, batches: dict[str, list[int]], repeats: int) -> list
                 print(f"kvgen bench: batch {batch}: {rounds} ...", file=sys.stderr, flush=True)
             # The warm-up runs at the timed prompt length (kernel choice, first-touch pages); a compiled
             # step compiles in it, for the timed cache size (so at the full length), and its time is reported.
-            full = timed or system == "kvgen-compiled"
+            full = timed or "compiled" in system
             time.sleep(SETTLE_S)
             result = workers[system].run(batch, base["new_tokens"] if full else 2)
             if result is None:
@@ -529,6 +531,7 @@ def bench_figure(results: list[dict], title: str):
         ("bandwidth_pct", "% of memory bandwidth limit"),
     )
     colours = {"kvgen": "tab:blue", "kvgen-compiled": "tab:cyan", "kvgen-screened": "tab:purple"}
+    colours["kvgen-compiled-screened"] = "tab:pink"
     colours |= {"hf": "tab:orange", "llama.cpp": "tab:green"}
     labels = [f"{r['system']}\nbatch {r['batch']}" for r in results]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
@@ -597,6 +600,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "kvgen",
         *(["kvgen-compiled"] if args.compile else []),
         *(["kvgen-screened"] if args.screen_head else []),
+        *(["kvgen-compiled-screened"] if args.compile and args.screen_head else []),
     ]
     systems += args.against
     if "llama.cpp" in systems and (problem := llama_cpp_problem() or (None if gguf else "it needs a GGUF file")):
@@ -635,9 +639,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if "llama.cpp" in systems:
         notes.append("llama.cpp runs batch 1 only, on the GGUF's own quantised weights")
     for r in results:
-        if r["system"] == "kvgen-compiled":
+        if "compiled" in r["system"]:
             notes.append(
-                f"kvgen, compiled step: static cache; batch {r['batch']}'s untimed warm-up, compiling included, "
+                f"{LABELS[r['system']]}: static cache; batch {r['batch']}'s untimed warm-up, compiling included, "
                 f"took {r['warm_up_s']:.1f} s"
             )
     print_table(results, title, notes)

@@ -44,7 +44,7 @@ from .loading import populate_file_pages, release_file_pages
 HADAMARD_BLOCK = 128  # the rotation's Hadamard part: the largest power of two up to this that divides the width
 # fbgemm's AVX2 kernel adds pairs of u8·s8 products in int16; activations of 7 bits (0..127) cannot overflow it.
 ACTIVATION_LEVELS = 127
-INT8_BLOCK_BYTES = 256 << 20  # int8 weights are packed in row blocks of at most this size (one, for Gemma 3 270M)
+INT8_BLOCK_BYTES = 40 << 20  # int8 weights are packed in row blocks of this size: fbgemm packs larger ones slower
 QUANTIZE_ROWS = 16384  # rows rotated and quantised at a time at load (float32 scratch of 40 MB at width 640)
 MAX_CANDIDATE_SHARE = 1 / 8  # beyond this share of the vocabulary, the full product is cheaper
 
