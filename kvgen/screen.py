@@ -117,7 +117,7 @@ def pack_int8(q: Tensor, scales: Tensor) -> torch.ScriptObject:
 
 
 STORED = ("q", "scales", "error_norms", "row_norms")  # what `ScreenedHead` computes from a weight, in this order
-STORE_VERSION = "1"  # bump when the rotation or the quantisation changes
+STORE_VERSION = "2"  # bump when the rotation or the quantisation changes
 
 
 def store_path(folder: Path, dtype: torch.dtype) -> Path:
@@ -174,8 +174,12 @@ class ScreenedHead(nn.Linear):
         self.screened = self.fallbacks = 0  # calls answered by the screen, and by the full product instead
         self.make_full, self._full = make_full, None
         self.rotation = Rotation(self.in_features)
-        # Float32 rotation and the exact product's own float32 sums, relative to |x|·|w_v| (see `bound`).
-        self.rounding = 1e-4 + 4 * self.in_features * 2**-24
+        # Worst cases of float32 rounding, relative to the norms involved (Higham's gamma_n = n·u):
+        # rotating a vector (block + rest terms per element, over `in_features` elements) ...
+        unit, width = 2**-24, self.in_features
+        self.rotation_error = (self.rotation.block + self.rotation.rest + 2) * unit * math.sqrt(width)
+        # ... and the plain head's own sum of `in_features` products, |x|·|w_v| at most by Cauchy-Schwarz.
+        self.rounding = self.rotation_error + 2 * width * unit
         quantized = read_store(store, self.weight) if store is not None else None
         if quantized is None:
             quantized = {name: torch.cat(parts) for name, parts in zip(STORED, zip(*self.quantize_rows()))}
@@ -229,11 +233,13 @@ class ScreenedHead(nn.Linear):
         scale = float((high - low) / (ACTIVATION_LEVELS - 1)) or 1.0
         zero_point = int(torch.round(-low / scale))
         x_error = torch.linalg.vector_norm(rotated - torch.round(rotated / scale) * scale, dim=1)
-        # Where fbgemm rounds a near-tie the other way, that element is still off by about half a step.
-        x_error += 1e-4 * math.sqrt(x.shape[-1]) * scale
+        # Where fbgemm rounds a near-tie the other way, that element is still off by about half a step;
+        # and the float32 rotation itself is off the exact one by up to rotation_error·|x|.
+        x_norm = torch.linalg.vector_norm(x.float(), dim=1)
+        x_error += 1e-4 * math.sqrt(x.shape[-1]) * scale + self.rotation_error * x_norm
         int8_product = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
         a = torch.cat([int8_product(rotated, scale, zero_point, block) for block in self.blocks], dim=-1)
-        return a, torch.linalg.vector_norm(x.float(), dim=1), x_error
+        return a, x_norm, x_error
 
     def bound(self, a: Tensor, x_norm: Tensor, x_error: Tensor, cols: Tensor) -> Tensor:
         """How far the exact logits of tokens `cols` can be from their int8 ones `a`, given each one's
@@ -245,8 +251,8 @@ class ScreenedHead(nn.Linear):
 
         Each a_v is within b_v = |x|·|e_v| + |x - x̂|·max(|w_v|, |ŵ_v|) + 1e-5·|a_v| of the exact
         product: x·w - a = x·(w - ŵ) + (x - x̂)·ŵ + fbgemm's float rescaling of exact int32 sums,
-        and a rotation changes no norm. `error_norms` also covers the float32 rotation and the
-        plain head's own float32 sums. A token is kept when a_v + b_v reaches the best a_u - b_u,
+        and a rotation changes no norm. `error_norms` and the bound on |x - x̂| also cover, at their
+        worst, the float32 rotations and the plain head's own float32 sums. A token is kept when a_v + b_v reaches the best a_u - b_u,
         less the spacing of the logits' dtype (two values closer than that may round to a tie).
         """
         lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
