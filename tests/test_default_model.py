@@ -62,6 +62,16 @@ def test_first_32_greedy_tokens_equal_transformers(lm, expected, cache):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="kvgen.screen is x86-only")
+def test_screened_head_gives_transformers_tokens(lm, expected):
+    """The int8 screen on real weights, where its bounds must hold: every step screened, none falls back."""
+    screened = kvgen.load(lm.path, dtype="float32", screen_head=True)
+    for prompt in PROMPTS:
+        assert screened.generate(prompt, 32, stop_at_eos=False).token_ids == expected[prompt], prompt
+    assert screened.model.lm_head.screened == 32 * len(PROMPTS) and screened.model.lm_head.fallbacks == 0
+
+
+@pytest.mark.slow
 def test_no_model_means_the_embedded_gemma(lm):
     default = kvgen.load(dtype="float32")  # KVGEN_CACHE points at the session's converted copy
     assert default.path == lm.path and type(default.model).__name__ == "Gemma3"
