@@ -193,9 +193,9 @@ def speed_up(model: nn.Module, pack_weights: bool, screen_head: bool = False, st
     for module in model.modules():
         if hasattr(module, "prepare"):  # what a module precomputes from its weights (Gemma's norm scales)
             module.prepare()
-    head = getattr(model, "lm_head", None)
     from . import screen  # it builds on this module's handles
 
+    head = getattr(model, "lm_head", None)
     if screen_head and screen.available(head):
         make_full = (lambda: PackedLinear(head)) if pack_weights and can_pack(head.weight) else None
         model.lm_head = screen.ScreenedHead(head, make_full, store)
