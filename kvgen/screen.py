@@ -258,8 +258,8 @@ class ScreenedHead(nn.Linear):
         lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         a, x_norm, x_error = self.approximate(x)
 
-        low, high = a.aminmax(dim=-1)
-        largest = torch.maximum(high, -low)  # (N,)
+        high = a.amax(dim=-1)  # (amax and amin: 30 µs over 262k logits, where aminmax takes 600)
+        largest = torch.maximum(high, -a.amin(dim=-1))  # (N,)
         widest = x_norm * self.widest_error + x_error * self.widest_row + 1e-5 * largest  # any token's bound
         # Logits are rounded to the head's dtype: tokens closer than its spacing there may come out tied.
         spacing = 2 * torch.finfo(x.dtype).eps * (largest + widest)
