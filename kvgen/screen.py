@@ -252,12 +252,12 @@ class ScreenedHead(nn.Linear):
         Each a_v is within b_v = |x|·|e_v| + |x - x̂|·max(|w_v|, |ŵ_v|) + 1e-5·|a_v| of the exact
         product: x·w - a = x·(w - ŵ) + (x - x̂)·ŵ + fbgemm's float rescaling of exact int32 sums,
         and a rotation changes no norm. `error_norms` and the bound on |x - x̂| also cover, at their
-        worst, the float32 rotations and the plain head's own float32 sums. A token is kept when a_v + b_v reaches the best a_u - b_u,
-        less the spacing of the logits' dtype (two values closer than that may round to a tie).
+        worst, the float32 rotations and the plain head's own float32 sums. A token is kept when
+        a_v + b_v reaches the best a_u - b_u, less the spacing of the logits' dtype (two values
+        closer than that may round to a tie).
         """
         lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         a, x_norm, x_error = self.approximate(x)
-
         high = a.amax(dim=-1)  # (amax and amin: 30 µs over 262k logits, where aminmax takes 600)
         largest = torch.maximum(high, -a.amin(dim=-1))  # (N,)
         widest = x_norm * self.widest_error + x_error * self.widest_row + 1e-5 * largest  # any token's bound
