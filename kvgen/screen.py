@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .fast import HANDLED, handle_for, library
@@ -144,15 +142,13 @@ def read_store(path: Path, weight: Tensor) -> dict[str, Tensor] | None:
 
 def write_store(path: Path, tensors: dict[str, Tensor]) -> None:
     """Save under a temporary name, then rename into place; a cache that cannot be written is skipped."""
+    from .trace import write_atomic  # (trace imports the loop, which imports this module)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-            temporary = Path(f.name)
-        save_file(tensors, temporary)
-        os.replace(temporary, path)
+        write_atomic(path, save(tensors))
     except OSError:
-        if "temporary" in locals():
-            temporary.unlink(missing_ok=True)
+        pass  # computed again at the next load
 
 
 class ScreenedHead(nn.Linear):
