@@ -95,8 +95,8 @@ def find_draft(context: list[int], draft_tokens: int, ngram_size: int = 3, min_n
 class _SlackDynamicCache(DynamicLayerCache):
     """A sliding-window dynamic cache that keeps `slack` entries more than its window needs."""
 
-    def __init__(self, window: int, slack: int) -> None:
-        super().__init__(window + slack)
+    def __init__(self, window: int, slack: int, group_size: int) -> None:
+        super().__init__(window + slack, group_size)
         self.attended = window  # what the model's mask lets a query see
 
     def truncate(self, keep: int) -> bool:
@@ -130,7 +130,12 @@ def make_slack_cache(
 ) -> list[LayerCache]:
     """`cache.make_cache(kind, layers, 1, ...)`, with `slack` spare entries in sliding-window layers."""
     if kind == "dynamic":
-        return [DynamicLayerCache() if s.window is None else _SlackDynamicCache(s.window, slack) for s in layers]
+        return [
+            DynamicLayerCache(None, s.group_size)
+            if s.window is None
+            else _SlackDynamicCache(s.window, slack, s.group_size)
+            for s in layers
+        ]
     if kind == "static":
         return [
             StaticLayerCache(1, s, max_len, dtype, device)

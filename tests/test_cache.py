@@ -99,19 +99,39 @@ def test_a_full_static_cache_refuses_the_next_token():
 
 @pytest.mark.parametrize("kind", ["dynamic", "static", "sink"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_caches_store_half_precision_widened_and_unchanged(kind, dtype):
-    layers = [LayerShape(2, 8, rotary=True), LayerShape(2, 8, window=4, rotary=True)]
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_cpu_caches_store_what_decode_attends_in_unchanged(kind, dtype, group_size):
+    """float16, and bfloat16 without grouped queries, are widened to float32; grouped bfloat16 is kept."""
+    stored = torch.bfloat16 if dtype == torch.bfloat16 and group_size > 1 else torch.float32
+    layers = [LayerShape(2, 8, rotary=True, group_size=group_size), LayerShape(2, 8, 4, True, group_size)]
     caches = make_cache(kind, layers, 1, 20, dtype)
     for q, k, v, positions in stream([5, 1, 1], seed=1):
         k, v, positions = k[:1].to(dtype), v[:1].to(dtype), positions[:1]
         for cache in caches:
             keys, values, _ = cache.update(k, v, positions)
-            assert keys.dtype == values.dtype == torch.float32
-            assert torch.equal(keys.to(dtype).float(), keys)  # every value still one of `dtype`'s
+            assert keys.dtype == values.dtype == stored
             for new, held in ((k, keys), (v, values)):  # the newest entry is held as it came
-                assert (held == new[:, :, -1:].float()).all(dim=-1).any(dim=-1).all()
-    assert storage_dtype(dtype, "cpu") == torch.float32 and storage_dtype(dtype, "meta") == dtype
-    assert storage_dtype(torch.float32, "cpu") == torch.float32
+                assert (held == new[:, :, -1:].to(stored)).all(dim=-1).any(dim=-1).all()
+    assert storage_dtype(dtype, "cpu", group_size) == stored and storage_dtype(dtype, "meta", group_size) == dtype
+    assert storage_dtype(torch.float32, "cpu", group_size) == torch.float32
+
+
+@pytest.mark.parametrize("T", [1, 3, 130])
+def test_grouped_bfloat16_attention_matches_float32(T):
+    """Grouped queries in bfloat16 (rows of one head per kv head, `grouped_attention` below 129
+    queries) attend as float32 does, each query head to its own kv head under its own query's mask."""
+    generator = torch.Generator().manual_seed(0)
+    S, kv_heads, group_size = T + 40, 2, 3
+    q = torch.randn(2, kv_heads * group_size, T, D, generator=generator)
+    k, v = (torch.randn(2, kv_heads, S, D, generator=generator) for _ in range(2))
+    positions = torch.arange(S).expand(2, S).clone()
+    positions[1, :5] = -1  # row 1 left-padded
+    mask = attention_mask(positions[:, -T:], positions, window=16)
+    want = attention(q, k, v, mask, D**-0.5)  # float32
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, D**-0.5)
+    assert got.dtype == torch.bfloat16
+    wrong_heads = attention(q.bfloat16().flip(1), k.bfloat16(), v.bfloat16(), mask, D**-0.5).flip(1)
+    assert (got.float() - want).abs().max() < 0.05 < (wrong_heads.float() - want).abs().max()
 
 
 def test_unwindowed_dynamic_cache_keeps_everything_writing_in_place():

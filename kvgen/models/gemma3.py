@@ -141,6 +141,7 @@ class Gemma3(nn.Module):
                 c.head_dim,
                 c.sliding_window if kind == "sliding_attention" else None,
                 rotary=True,
+                group_size=c.num_attention_heads // c.num_key_value_heads,
             )
             for kind in c.layer_types
         ]

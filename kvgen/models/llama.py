@@ -124,9 +124,9 @@ class Llama(nn.Module):
 
     def cache_layout(self) -> list[LayerShape]:
         """What each layer's KV cache stores per token."""
-        return [
-            LayerShape(self.config.num_key_value_heads, self.config.head_dim, rotary=True)
-        ] * self.config.num_hidden_layers
+        c = self.config
+        group_size = c.num_attention_heads // c.num_key_value_heads
+        return [LayerShape(c.num_key_value_heads, c.head_dim, rotary=True, group_size=group_size)] * c.num_hidden_layers
 
     def forward(
         self, tokens: Tensor, positions: Tensor, cache: list[LayerCache] | None = None, all_logits: bool = False

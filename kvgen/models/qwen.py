@@ -84,7 +84,8 @@ class Qwen2(nn.Module):
     def cache_layout(self) -> list[LayerShape]:
         """What each layer's KV cache stores per token, and which layers slide a window."""
         c = self.config
-        return [LayerShape(c.num_key_value_heads, c.head_dim, window, rotary=True) for window in c.layer_windows]
+        group_size = c.num_attention_heads // c.num_key_value_heads
+        return [LayerShape(c.num_key_value_heads, c.head_dim, window, True, group_size) for window in c.layer_windows]
 
     def forward(
         self, tokens: Tensor, positions: Tensor, cache: list[LayerCache] | None = None, all_logits: bool = False

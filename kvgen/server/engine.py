@@ -241,7 +241,7 @@ class Engine:
             keep, held = self.prefix_cache.lookup(ids)
         # Whole-stream caches for every layer, sliding ones included: the mask does the windowing, and
         # the stream can then go into the prefix cache whole.
-        layers = [DynamicLayerCache() for _ in self.layout]
+        layers = [DynamicLayerCache(None, shape.group_size) for shape in self.layout]
         if held is not None:
             for cache, (k, v) in zip(layers, held):
                 cache.update(k, v, torch.arange(keep, device=k.device)[None])
