@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -99,17 +100,26 @@ def quantize(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q.to(torch.int8), scales, error
 
 
-def pack_int8(q: Tensor, scales: Tensor) -> torch.ScriptObject:
-    """int8 rows and their scales -> fbgemm's prepacked weight (a copy, in its own layout)."""
-    with warnings.catch_warnings():  # quantised tensors are deprecated, fbgemm's linear is not (yet) replaced
-        warnings.simplefilter("ignore")
-        weight = torch._make_per_channel_quantized_tensor(
-            q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0
-        )
-        engine = torch.backends.quantized.engine
+def pack_int8(q: Tensor, scales: Tensor, rows: int) -> list[torch.ScriptObject]:
+    """int8 rows and their scales -> fbgemm's prepacked weights (copies, in its own layout), one per
+    block of `rows` rows. fbgemm packs a block on one core and lets go of the GIL, so the blocks are
+    packed in parallel threads: 0.62-0.74 s against 1.06-1.17 s one after another for Gemma 3 270M's
+    head on 2 cores. A memory-mapped block's pages are handed back once it is packed."""
+
+    def pack(start: int) -> torch.ScriptObject:
+        block, block_scales = q[start : start + rows], scales[start : start + rows].double()
+        zero_points = torch.zeros_like(block_scales, dtype=torch.long)
+        weight = torch._make_per_channel_quantized_tensor(block, block_scales, zero_points, 0)
+        packed = torch.ops.quantized.linear_prepack(weight, None)
+        release_file_pages([block])
+        return packed
+
+    engine = torch.backends.quantized.engine  # process-wide: set once, around every thread
+    with warnings.catch_warnings(), ThreadPoolExecutor(torch.get_num_threads()) as pool:
+        warnings.simplefilter("ignore")  # quantised tensors are deprecated, fbgemm's linear is not (yet) replaced
         torch.backends.quantized.engine = "fbgemm"
         try:
-            return torch.ops.quantized.linear_prepack(weight, None)
+            return list(pool.map(pack, range(0, len(q), rows)))
         finally:
             torch.backends.quantized.engine = engine
 
@@ -181,12 +191,8 @@ class ScreenedHead(nn.Linear):
             quantized = {name: torch.cat(parts) for name, parts in zip(STORED, zip(*self.quantize_rows()))}
             if store is not None:
                 write_store(store, quantized)
-        rows = max(1, INT8_BLOCK_BYTES // self.in_features)
-        self.blocks = []  # fbgemm's packed int8 weights, one per block of rows
-        for start in range(0, self.out_features, rows):
-            q, scales = quantized["q"][start : start + rows], quantized["scales"][start : start + rows]
-            self.blocks.append(pack_int8(q, scales))
-            release_file_pages([q])  # a stored copy is mapped: hand its pages back once packed
+        # fbgemm's packed int8 weights, one per block of rows
+        self.blocks = pack_int8(quantized["q"], quantized["scales"], max(1, INT8_BLOCK_BYTES // self.in_features))
         self.register_buffer("error_norms", quantized["error_norms"].clone(), persistent=False)  # (V,)
         self.register_buffer("row_norms", quantized["row_norms"].clone(), persistent=False)  # (V,)
         self.widest_error, self.widest_row = float(self.error_norms.max()), float(self.row_norms.max())
