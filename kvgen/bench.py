@@ -533,7 +533,8 @@ def bench_figure(results: list[dict], title: str):
     colours = {"kvgen": "tab:blue", "kvgen-compiled": "tab:cyan", "kvgen-screened": "tab:purple"}
     colours["kvgen-compiled-screened"] = "tab:pink"
     colours |= {"hf": "tab:orange", "llama.cpp": "tab:green"}
-    labels = [f"{r['system']}\nbatch {r['batch']}" for r in results]
+    # one word a line: "kvgen-compiled-screened" beside its neighbours would overlap them
+    labels = [f"{r['system'].replace('-', chr(10))}\nbatch {r['batch']}" for r in results]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     for ax, (key, name) in zip(axes.flat, panels):
         values = [r[key] for r in results]
