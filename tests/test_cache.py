@@ -110,6 +110,7 @@ def test_cpu_caches_store_what_decode_attends_in_unchanged(kind, dtype, group_si
         for cache in caches:
             keys, values, _ = cache.update(k, v, positions)
             assert keys.dtype == values.dtype == stored
+            assert torch.equal(keys.to(dtype).to(stored), keys)  # every value still one of `dtype`'s
             for new, held in ((k, keys), (v, values)):  # the newest entry is held as it came
                 assert (held == new[:, :, -1:].to(stored)).all(dim=-1).any(dim=-1).all()
     assert storage_dtype(dtype, "cpu", group_size) == stored and storage_dtype(dtype, "meta", group_size) == dtype
