@@ -109,9 +109,9 @@ class PackedLinear(nn.Linear):
         for i, start in enumerate(self.starts):
             block = self.weight[start : start + self.rows]
             populate_file_pages([block])  # read whole now: map it in one call
-            self.register_buffer(f"packed{i}", pack(block), persistent=False)
-            advise_huge_pages([getattr(self, f"packed{i}")])
-            packed = getattr(self, f"packed{i}")
+            packed = pack(block)
+            advise_huge_pages([packed])
+            self.register_buffer(f"packed{i}", packed, persistent=False)
             self.register_buffer(f"handle{i}", handle_for(packed, packed.size(0)), persistent=False)
             release_file_pages([block])
 
