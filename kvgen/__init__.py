@@ -62,7 +62,7 @@ def load(
     `screen_head` (fast path, x86 CPU) makes greedy steps pick their token from an int8 copy of the
     LM head and confirm it exactly (`kvgen.screen`): the same tokens, from half the head's bytes.
     Its int8 copy is computed once per checkpoint into the kvgen cache, and packed at every load:
-    on Gemma 3 270M ~0.5 s more load for ~6 ms less a token, so it pays past ~100 greedy tokens.
+    on Gemma 3 270M ~0.5 s more load for ~7 ms less a token, so it pays past ~80 greedy tokens.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
