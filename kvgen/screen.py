@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from .fast import HANDLED, handle_for, library
+from .fast import HANDLED, handle_for, library, linear
 from .loading import populate_file_pages, release_file_pages
 
 HADAMARD_BLOCK = 128  # the rotation's Hadamard part: the largest power of two up to this that divides the width
@@ -217,7 +217,8 @@ class ScreenedHead(nn.Linear):
         return self._full
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # opaque to the compiler: data-dependent shapes inside
+        # Opaque to the compiler: the screen's shapes depend on data, and a packed copy is made on first use.
+        if torch.compiler.is_compiling() and (self.argmax_only or self.make_full is not None):
             return torch.ops.kvgen.head_logits(x, self.handle, self.argmax_only)
         return self.logits(x, self.argmax_only)
 
@@ -225,7 +226,12 @@ class ScreenedHead(nn.Linear):
         if argmax_only:
             return self.screened_logits(x)
         full = self.full()
-        return full(x) if full is not None else F.linear(x, self.weight)
+        return full(x) if full is not None else linear(x, self.weight)
+
+    def unpack(self) -> None:
+        """Every logit from the weight itself from now on, never from a packed copy (`kvgen.fast.unpack`)."""
+        self.make_full = None
+        object.__setattr__(self, "_full", None)
 
     def approximate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(N, D) -> fbgemm's int8 logits a (N, V), and per row |x| and a bound on |x - x̂| (N,)."""

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import kvgen
-from kvgen.fast import FusedLinear, PackedLinear, merge_packed_pages, packing_available, speed_up
+from kvgen.fast import FusedLinear, FastLinear, merge_packed_pages, packing_available, speed_up
 from kvgen.generate import generate_tokens
 from kvgen.loading import populate_file_pages, release_file_pages
 from kvgen.loading.dtype import packing_pays
@@ -47,7 +47,7 @@ def test_same_greedy_tokens_as_the_reference_path(folder, dtype, pack):
     reference = kvgen.load(folder, dtype=dtype, fast=False)
     fast = kvgen.load(folder, dtype=dtype, fast=False)
     speed_up(fast.model, pack_weights=pack)
-    assert isinstance(fast.model.lm_head, PackedLinear) == pack
+    assert bool(fast.model.lm_head.starts) == pack
     for cache in ("dynamic", "static"):
         want = greedy(reference, cache)
         assert greedy(fast, cache) == want, cache
@@ -72,9 +72,12 @@ def test_load_builds_the_fast_path_by_default(folder):
     lm = kvgen.load(folder, dtype="float32")
     kinds = {type(m) for m in lm.model.modules()}
     assert (FusedLinear in kinds) == ("gpt2" not in str(folder))  # GPT-2's checkpoint already fuses q, k, v
-    assert (PackedLinear in kinds) == packing_pays(torch.float32)
+    fused = {id(linear) for m in lm.model.modules() if isinstance(m, FusedLinear) for linear in m.linears}
+    assert all(id(m) in fused for m in lm.model.modules() if type(m) is torch.nn.Linear)  # the rest are FastLinear
+    packed = [m for m in lm.model.modules() if isinstance(m, FastLinear) and m.starts]
+    assert bool(packed) == packing_pays(torch.float32)
     kinds = {type(m) for m in kvgen.load(folder, dtype="float32", fast=False).model.modules()}
-    assert not kinds & {FusedLinear, PackedLinear}
+    assert not kinds & {FusedLinear, FastLinear}
 
 
 def test_large_weights_are_packed_in_blocks(monkeypatch):
@@ -84,7 +87,7 @@ def test_large_weights_are_packed_in_blocks(monkeypatch):
 
     monkeypatch.setattr(kvgen.fast, "PACK_CHUNK_BYTES", 40 * 16 * 4)  # 40 rows of 16 floats
     linear = torch.nn.Linear(16, 100)
-    packed = PackedLinear(linear)
+    packed = FastLinear(linear, packed=True)
     assert packed.starts == [0, 40, 80]
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(packed(x), linear(x), rtol=0, atol=1e-6)
@@ -130,7 +133,7 @@ def test_packed_weights_are_advised_into_huge_pages():
     """Every decode step streams the packed weights whole: their pages are marked for 2 MB pages
     (`hg`), which the kernel's khugepaged then merges (kvgen.loading.advise_huge_pages)."""
     linear = torch.nn.Linear(1024, 4096, bias=False)  # 16 MB in float32
-    packed = PackedLinear(linear).packed0
+    packed = FastLinear(linear, packed=True).packed0
     middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
     assert "hg" in _smaps(middle, "VmFlags:")
     fused = FusedLinear([torch.nn.Linear(1024, 2048), torch.nn.Linear(1024, 2048)], packed=True).weight
@@ -148,7 +151,7 @@ def test_packed_weights_are_advised_into_huge_pages():
 @pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
 def test_merging_puts_packed_weights_in_huge_pages_now():
     """What a compiled step does before its long run (kvgen.fast.merge_packed_pages)."""
-    model = torch.nn.Sequential(PackedLinear(torch.nn.Linear(1024, 4096, bias=False)))  # 16 MB, packed
+    model = torch.nn.Sequential(FastLinear(torch.nn.Linear(1024, 4096, bias=False), packed=True))  # 16 MB, packed
     packed = model[0].packed0
     middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
     merge_packed_pages(model)
