@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import kvgen
-from kvgen.fast import FusedLinear, FastLinear, merge_packed_pages, packing_available, speed_up
+from kvgen.fast import FastLinear, FusedLinear, merge_packed_pages, packing_available, speed_up
 from kvgen.generate import generate_tokens
 from kvgen.loading import populate_file_pages, release_file_pages
 from kvgen.loading.dtype import packing_pays

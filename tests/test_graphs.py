@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_leaves
 import kvgen
 from kvgen import graphs
 from kvgen.cache import make_cache
-from kvgen.loading.dtype import packing_pays
 from kvgen.generate import decode_compiled, decode_one, generate_tokens, prefill
+from kvgen.loading.dtype import packing_pays
 from kvgen.models import layers
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen3
 
