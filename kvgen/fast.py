@@ -276,6 +276,7 @@ def unpack(model: nn.Module) -> None:
 
 def merge_packed_pages(model: nn.Module) -> None:
     """Merge the model's packed weights into 2 MB pages now (`loading.merge_huge_pages`), for a run
-    that will take many steps. A compiled step (kvgen.generate's `compile_step`) does, in its warm-up:
-    merged, it took 30.8-31.6 ms a step on Gemma 3 270M against 31.7-35.8 ms, in 3 of 3 pairs."""
+    that will take many steps. A compiled batch step (kvgen.generate's `decode_compiled`) does, in
+    its warm-up: merged, a compiled one-row step over packed weights took 30.8-31.6 ms on Gemma 3
+    270M against 31.7-35.8 ms, in 3 of 3 pairs (one-row steps now read plain rows instead)."""
     merge_huge_pages([buffer for buffer in model.buffers() if buffer.is_mkldnn])

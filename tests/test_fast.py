@@ -150,7 +150,7 @@ def test_packed_weights_are_advised_into_huge_pages():
 )
 @pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
 def test_merging_puts_packed_weights_in_huge_pages_now():
-    """What a compiled step does before its long run (kvgen.fast.merge_packed_pages)."""
+    """What a compiled batch step does before its long run (kvgen.fast.merge_packed_pages)."""
     model = torch.nn.Sequential(FastLinear(torch.nn.Linear(1024, 4096, bias=False), packed=True))  # 16 MB, packed
     packed = model[0].packed0
     middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
