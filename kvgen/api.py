@@ -35,6 +35,7 @@ class Timings:
     prompt_tokens: int = 0
     new_tokens: int = 0
     speculative: SpeculativeStats | None = None  # drafted / accepted / verify_steps, with speculative=...
+    compile_s: float | None = None  # with compile_step: the first decode step, compiling included (in decode_s)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -45,12 +46,22 @@ class Timings:
         """Decode steps per second: every token after the first comes from one decode step."""
         return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
 
+    @property
+    def compiled_tok_s(self) -> float:
+        """With compile_step: decode steps per second after the first, which waited for the compiler."""
+        steps, seconds = self.new_tokens - 2, self.decode_s - (self.compile_s or 0.0)
+        return steps / seconds if self.compile_s is not None and steps > 0 and seconds > 0 else 0.0
+
     def as_dict(self) -> dict[str, float]:
         out = {**dataclasses.asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
         if self.speculative is None:
             del out["speculative"]
         else:
             out["speculative"] = self.speculative.as_dict()
+        if self.compile_s is None:
+            del out["compile_s"]
+        else:
+            out["compiled_tok_s"] = self.compiled_tok_s
         return out
 
 
@@ -235,7 +246,7 @@ class LM:
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         stats = SpeculativeStats() if speculative is not None else None
         start = time.perf_counter()
-        first_token_at = start
+        first_token_at = second_token_at = start
         with contextlib.closing(
             self._token_steps(
                 prompt_ids,
@@ -259,6 +270,8 @@ class LM:
                 now = time.perf_counter()
                 if step == 0:
                     first_token_at = now
+                if step == 1:
+                    second_token_at = now
                 out: list[Response | None] = []
                 for row, ids, token in zip(rows, prompt_ids, tokens.tolist()):
                     if row.finish_reason is not None:
@@ -271,6 +284,8 @@ class LM:
                         )
                         if stats is not None:
                             response.timings.speculative = dataclasses.replace(stats)
+                        if compile_step and step > 0:
+                            response.timings.compile_s = second_token_at - first_token_at
                     out.append(response)
                 yield out
                 if all(row.finish_reason for row in rows):

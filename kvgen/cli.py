@@ -124,6 +124,11 @@ def _timing_line(result: Result) -> str:
     return (
         f"[{result.finish_reason}] prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s ({t.prefill_tok_s:.1f} tok/s), "
         f"decode {t.new_tokens} tok in {t.decode_s:.3f} s ({t.decode_tok_s:.1f} tok/s), load {t.load_s:.2f} s"
+        + (
+            f"; the first decode step compiled for {t.compile_s:.1f} s, then {t.compiled_tok_s:.1f} tok/s"
+            if t.compile_s
+            else ""
+        )
     )
 
 

@@ -30,6 +30,12 @@ def test_generate_with_a_compiled_step(cli, gpt2_tiny):
     code_compiled, out_compiled, _ = cli(*args, "--compile")
     assert code == code_compiled == 0
     assert json.loads(out_compiled)["token_ids"] == json.loads(out)["token_ids"]
+    timings = json.loads(out_compiled)["timings"]
+    assert "compile_s" not in json.loads(out)["timings"]
+    assert 0 < timings["compile_s"] < timings["decode_s"]  # the warm-up is reported, inside decode_s
+    assert timings["compiled_tok_s"] == pytest.approx(10 / (timings["decode_s"] - timings["compile_s"]))
+    code, _, err = cli(*args[:-3], "--cache", "static", "--compile")
+    assert code == 0 and "the first decode step compiled for" in err
 
 
 def test_compare_reports_identical(cli, gpt2_tiny):
