@@ -170,3 +170,13 @@ def test_compiled_step_keeps_the_screen(gpt2_tiny, tmp_path, monkeypatch):
     assert lm.model.lm_head.screened > before  # the compiled step called the screen, through its op
     monkeypatch.setattr(kvgen.screen, "MAX_CANDIDATE_SHARE", 0)
     assert greedy(lm, "static", compile_step=True) == want  # and its fallback
+    monkeypatch.undo()
+    # One row: the compiled step drops the packed copies (kvgen.fast.unpack), the screen stays, and
+    # a sampled run's every logit comes from the plain weight inside the compiled step.
+    sampled = lm.generate(PROMPTS[0], 16, temperature=0.8, seed=3, cache="static")
+    alone = lm.generate(PROMPTS[0], 16, cache="static")
+    before = lm.model.lm_head.screened
+    assert lm.generate(PROMPTS[0], 16, cache="static", compile_step=True).token_ids == alone.token_ids
+    assert lm.model.lm_head.screened > before and lm.model.lm_head.full() is None
+    options = dict(temperature=0.8, seed=3, cache="static", compile_step=True)
+    assert lm.generate(PROMPTS[0], 16, **options).token_ids == sampled.token_ids
