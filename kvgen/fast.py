@@ -105,11 +105,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     weights at ~18 GB/s on 2 cores of an EPYC. A multiply-and-sum over rows of the weight becomes
     inductor's own loop, which streams them at ~31 GB/s, the memory's limit: Gemma 3 270M's 72
     layer products took 6.7-7.1 ms this way against 9.0-9.7 ms, and its compiled decode step went
-    from ~35 to ~55 tokens/s. The same products, summed in float32 in another order, rounded once.
+    from 38.4 to 47.6 tokens/s in `kvgen bench`. The same products, summed in float32 in another
+    order, rounded once.
     Only rows the weight holds contiguously (a transposed view would be read across its rows).
     """
-    one_row = x.numel() == x.shape[-1] and weight.stride(-1) == 1
-    if torch.compiler.is_compiling() and one_row and x.device.type == "cpu":
+    # compiling first: an eager call asks nothing more
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and weight.stride(-1) == 1 and x.device.type == "cpu":
         y = (x[..., None, :].float() * weight.float()).sum(-1)
         return (y if bias is None else y + bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
