@@ -13,8 +13,10 @@ time of the first), the method of ../shared/ANCHORS.md. Greedy tokens are compar
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -115,14 +117,18 @@ def kvgen_runner(folder: Path, device: str, cache_kind: str):
 
 
 def hf_runner(folder: Path, device: str, compiled: bool):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompileConfig
     from transformers.generation.streamers import BaseStreamer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
     options = {}
     if compiled:
-        options = dict(cache_implementation="static")
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        # transformers' own way: with a static cache, generate compiles the decode step (inductor,
+        # "reduce-overhead": CUDA graphs) and runs the prefill uncompiled. Compiling `model.forward`
+        # by hand instead fails: the graph's outputs are overwritten by the next replay.
+        config = CompileConfig()
+        config._compile_all_devices = device != "cuda"  # so that a CPU smoke run compiles too
+        options = dict(cache_implementation="static", compile_config=config)
 
     def run(ids: list[int], n: int, on_token) -> list[int]:
         class Stamps(BaseStreamer):
@@ -138,6 +144,8 @@ def hf_runner(folder: Path, device: str, compiled: bool):
 
         prompt = torch.tensor([ids], device=device)
         out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=Stamps(), **options)
+        if compiled and not hasattr(model, "_compiled_call"):
+            raise RuntimeError("transformers ran its decode step uncompiled")
         return out[0, len(ids) :].tolist()
 
     return run
@@ -149,6 +157,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs of the same families (a smoke run)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--shape", action="append", choices=list(SHAPES), help="only these shapes (repeatable)")
     args = parser.parse_args()
     systems = {
         "kvgen eager (dynamic cache)": lambda f: kvgen_runner(f, args.device, "dynamic"),
@@ -159,21 +168,39 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"| shape | {' | '.join(systems)} |   ({device_name}, bfloat16, batch 1, decode tok/s)")
     print("|---" * (len(systems) + 1) + "|")
-    for shape in SHAPES:
+    for shape in args.shape or SHAPES:
         with tempfile.TemporaryDirectory() as tmp:
             build(shape, Path(tmp), args.tiny)
             ids = torch.randint(0, 500, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-            figures, streams = [], []
-            for make in systems.values():
-                run = make(Path(tmp))
-                warm = time.perf_counter()
-                timed(lambda on_token: run(ids, args.new_tokens, on_token), args.device)  # warm-up
-                warm = time.perf_counter() - warm
-                tokens, rate = timed(lambda on_token: run(ids, args.new_tokens, on_token), args.device)
+            figures, streams = [], {}
+            for system, make in systems.items():
+                try:
+                    run = make(Path(tmp))
+                    warm = time.perf_counter()
+                    timed(lambda on_token: run(ids, args.new_tokens, on_token), args.device)  # warm-up
+                    warm = time.perf_counter() - warm
+                    tokens, rate = timed(lambda on_token: run(ids, args.new_tokens, on_token), args.device)
+                except Exception:  # one system's failure must not cost the device time spent on the others
+                    traceback.print_exc()
+                    figures.append(f"failed (see {system!r} above)")
+                    continue
                 figures.append(f"{rate:.0f} (warm-up {warm:.0f} s)")
-                streams.append(tokens)
-            same = "same greedy tokens" if all(s == streams[0] for s in streams) else "tokens differ"
-            print(f"| {shape} | {' | '.join(figures)} |   {same}")
+                print(f"{shape}, {system}: {figures[-1]}", file=sys.stderr, flush=True)
+                streams[system] = tokens
+            print(f"| {shape} | {' | '.join(figures)} |   {agreement(streams)}", flush=True)
+
+
+def agreement(streams: dict[str, list[int]]) -> str:
+    """Which systems gave the same greedy tokens, and where each other group parts from the first."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for system, tokens in streams.items():
+        groups.setdefault(tuple(tokens), []).append(system)
+    if len(groups) == 1:
+        return "same greedy tokens"
+    (reference, _), *others = groups.items()
+    parts = [" = ".join(names) for names in groups.values()]
+    at = [next(i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b) for tokens, _ in others]
+    return f"tokens agree within [{'], ['.join(parts)}]; later groups part from the first at token {at}"
 
 
 if __name__ == "__main__":
