@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from .loading.blocks import Blocks
 from .loading.tokenizer import load_tokenizer
 from .screen import ScreenedHead
 
@@ -44,6 +45,7 @@ LABELS = {
     "kvgen-compiled": "kvgen, compiled step",
     "kvgen-screened": "kvgen, int8-screened head",
     "kvgen-compiled-screened": "kvgen, compiled step, int8-screened head",
+    "kvgen-compiled-blocks": "kvgen, compiled step over the GGUF's blocks",
     "hf": "transformers",
     "llama.cpp": "llama.cpp (llama-cpp-python)",
 }
@@ -120,6 +122,9 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     head = getattr(model, "lm_head", None)
     if isinstance(head, ScreenedHead):  # a greedy step reads its int8 copy (its few confirmed rows aside)
         total -= head.weight.numel() * (head.weight.element_size() - 1)
+    for m in model.modules():  # a compiled one-row step reads a GGUF's blocks instead (kvgen.loading.blocks)
+        if isinstance(getattr(m, "blocks", None), Blocks):
+            total += m.blocks.nbytes - m.weight.numel() * m.weight.element_size()
     return total
 
 
@@ -146,9 +151,10 @@ def load_kvgen(spec: dict) -> tuple[Generate, int]:
     import kvgen
     from kvgen.generate import generate_tokens
 
-    lm = kvgen.load(spec["model"], dtype=spec["dtype"], screen_head="screened" in spec["system"])
+    system = spec["system"]
+    lm = kvgen.load(spec["model"], spec["dtype"], screen_head="screened" in system, gguf_blocks="blocks" in system)
     # kvgen-compiled: the static cache, its decode step through torch.compile (generate.decode_compiled)
-    compiled = dict(cache_kind="static", compile_step=True) if "compiled" in spec["system"] else {}
+    compiled = dict(cache_kind="static", compile_step=True) if "compiled" in system else {}
 
     def generate(ids: list[int], batch: int, n: int) -> tuple[list[int], float, list[float]]:
         tokens, stamps = [], []
@@ -234,6 +240,7 @@ LOADERS = {
     "kvgen-compiled": load_kvgen,
     "kvgen-screened": load_kvgen,
     "kvgen-compiled-screened": load_kvgen,
+    "kvgen-compiled-blocks": load_kvgen,
     "hf": load_hf,
     "llama.cpp": load_llama_cpp,
 }
@@ -531,7 +538,7 @@ def bench_figure(results: list[dict], title: str):
         ("bandwidth_pct", "% of memory bandwidth limit"),
     )
     colours = {"kvgen": "tab:blue", "kvgen-compiled": "tab:cyan", "kvgen-screened": "tab:purple"}
-    colours["kvgen-compiled-screened"] = "tab:pink"
+    colours |= {"kvgen-compiled-screened": "tab:pink", "kvgen-compiled-blocks": "tab:red"}
     colours |= {"hf": "tab:orange", "llama.cpp": "tab:green"}
     # one word a line: "kvgen-compiled-screened" beside its neighbours would overlap them
     labels = [f"{r['system'].replace('-', chr(10))}\nbatch {r['batch']}" for r in results]
@@ -602,7 +609,11 @@ def run_bench(args: argparse.Namespace) -> int:
         *(["kvgen-compiled"] if args.compile else []),
         *(["kvgen-screened"] if args.screen_head else []),
         *(["kvgen-compiled-screened"] if args.compile and args.screen_head else []),
+        *(["kvgen-compiled-blocks"] if args.gguf_blocks else []),
     ]
+    if "kvgen-compiled-blocks" in systems and not gguf:
+        print("kvgen bench: skipping kvgen-compiled-blocks: it needs a GGUF file", file=sys.stderr)
+        systems.remove("kvgen-compiled-blocks")
     systems += args.against
     if "llama.cpp" in systems and (problem := llama_cpp_problem() or (None if gguf else "it needs a GGUF file")):
         print(f"kvgen bench: skipping llama.cpp: {problem}", file=sys.stderr)

@@ -140,11 +140,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.cache != "static" or args.speculative is not None or args.backend != "native":
             raise ValueError("--compile needs --cache static, the native backend and plain (not speculative) decoding")
         kwargs["compile_step"] = True
+    if args.gguf_blocks and not args.compile:
+        raise ValueError("--gguf-blocks are read by compiled steps only: add --compile")
     if args.speculative is not None:  # refuse before loading a model
         params = SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
         check_speculative(args.speculative, params, 1, args.backend, args.draft_tokens, args.ngram_size)
     lm = kvgen.load(
-        args.model, dtype=args.dtype, device=args.device, backend=args.backend, screen_head=args.screen_head
+        args.model, args.dtype, args.device, args.backend, screen_head=args.screen_head, gguf_blocks=args.gguf_blocks
     )
     if args.json:
         print(json.dumps(lm.generate(args.prompt, args.max_new_tokens, **kwargs).as_dict(), indent=2))
@@ -535,6 +537,16 @@ def _add_screen_head_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_gguf_blocks_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument(
+        "--gguf-blocks",
+        action="store_true",
+        help=help
+        or "with --compile and a GGUF file: compiled steps read the file's quantized weights as int8 blocks "
+        "(its exact values in ~half the bytes of bfloat16; ~0.3 GB more memory)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvgen", description="Generate text with a causal language model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -549,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --cache static: decode steps through torch.compile (same tokens; the first step compiles for seconds)",
     )
+    _add_gguf_blocks_arg(p)
     _add_screen_head_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     p.set_defaults(run=cmd_generate)
@@ -643,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run kvgen with its greedy steps reading the LM head in int8, exactly (kvgen.screen)",
     )
+    _add_gguf_blocks_arg(p, "also run kvgen's compiled step over the GGUF's own quantized blocks")
     p.add_argument("--prompt-tokens", type=_positive_int, default=500, metavar="N", help="default 500")
     p.add_argument("--new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
     p.add_argument("--batch", type=parse_batches, default=[1], metavar="B[,B]", help="batch sizes (default 1)")

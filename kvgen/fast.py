@@ -42,6 +42,7 @@ from .loading import (
     release_file_pages,
     return_freed_memory,
 )
+from .loading.blocks import Blocks
 
 # Sibling linear maps of one input that a fused product replaces, and the attribute it takes.
 FUSIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -98,8 +99,9 @@ def packed_product(module: nn.Module, i: int, x: Tensor, bias: Tensor | None) ->
     return packed_linear(x, getattr(module, f"packed{i}"), bias)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x·Wᵀ + b, as `F.linear`; in a compiled step of one row on a CPU, as a multiply-and-sum.
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, blocks: Blocks | None = None) -> Tensor:
+    """x·Wᵀ + b, as `F.linear`; in a compiled step of one row on a CPU, as a multiply-and-sum,
+    over `blocks` where the weight has them (a GGUF's own values, in int8: `kvgen.loading.blocks`).
 
     Compiled, `F.linear` stays a call to oneDNN, whose matrix-vector kernel streams bfloat16
     weights at ~18 GB/s on 2 cores of an EPYC. A multiply-and-sum over rows of the weight becomes
@@ -110,8 +112,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     across its rows (1.6 GB/s).
     """
     # compiling first: an eager call asks nothing more
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and weight.stride(-1) == 1 and x.device.type == "cpu":
-        y = (x[..., None, :].float() * weight.float()).sum(-1)
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.device.type == "cpu":
+        if blocks is not None:
+            y = blocks.product(x)
+        elif weight.stride(-1) == 1:
+            y = (x[..., None, :].float() * weight.float()).sum(-1)
+        else:
+            return F.linear(x, weight, bias)
         return (y if bias is None else y + bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
@@ -121,7 +128,8 @@ PACK_CHUNK_BYTES = 64 << 20  # weights larger than this are packed in row blocks
 
 class FastLinear(nn.Linear):
     """An `nn.Linear` on the fast path: it multiplies by a prepacked copy of its weight (`packed`)
-    or, unpacked, by the weight itself through `linear`.
+    or, unpacked, by the weight itself through `linear` (or by its GGUF `blocks`, where the
+    linear it replaces had them: `kvgen.loading.blocks`).
 
     `weight` and `bias` stay the checkpoint's (state dicts and a tied embedding still use them);
     only the packed blocks, buffers never saved, are read per step. A large weight (an LM head) is
@@ -133,6 +141,7 @@ class FastLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.blocks: Blocks | None = getattr(linear, "blocks", None)
         self.rows = max(1, PACK_CHUNK_BYTES // (self.in_features * self.weight.element_size()))
         self.starts = list(range(0, self.out_features, self.rows)) if packed else []  # the packed blocks' first rows
         for i, start in enumerate(self.starts):
@@ -146,7 +155,7 @@ class FastLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.starts:
-            return linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.blocks)
         if len(self.starts) == 1:
             return packed_product(self, 0, x, self.bias)
         parts = []
@@ -178,6 +187,9 @@ class FusedLinear(nn.Module):
         self.sizes = [linear.out_features for linear in linears]
         self.linears = linears  # a plain list: they stay their parent's submodules, not this one's
         self.packed = packed
+        self.blocks = Blocks.join([getattr(linear, "blocks", None) for linear in linears])
+        for linear in linears:  # the joined copy replaces theirs
+            linear.blocks = None
         weight, bias = self.joined()
         self.register_buffer("bias", bias, persistent=False)
         if packed:  # packed_product's names for the one packed weight
@@ -207,7 +219,7 @@ class FusedLinear(nn.Module):
             linear.bias = nn.Parameter(b, requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        y = packed_product(self, 0, x, self.bias) if self.packed else linear(x, self.weight, self.bias)
+        y = packed_product(self, 0, x, self.bias) if self.packed else linear(x, self.weight, self.bias, self.blocks)
         return y.split(self.sizes, dim=-1)
 
     def unpack(self) -> None:

@@ -27,7 +27,9 @@ from safetensors.torch import load_file
 
 import kvgen
 from kvgen.cli import main
+from kvgen.generate import generate_tokens
 from kvgen.loading import convert as convert_module
+from kvgen.loading.blocks import DECODERS, Blocks, decode
 from kvgen.loading.convert import cached_folder, content_key, convert_gguf
 from kvgen.loading.tokenizer import load_tokenizer
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen2, build_qwen3
@@ -104,6 +106,9 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, sc.view(np.uint8), d.view(np.uint8).reshape(n, 2)], axis=1)
 
 
+WRITABLE = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K}  # block types `quantize` writes
+
+
 def quantize(x: np.ndarray, qtype: Q) -> np.ndarray:
     """gguf.quants.quantize where the package can; the K-quants it cannot, with the quantisers above."""
     if qtype in (Q.Q4_K, Q.Q6_K):
@@ -142,7 +147,7 @@ def write_gguf(
     """A transformers checkpoint folder -> a GGUF file as llama.cpp's converter writes one.
 
     `types` stores single tensors (GGUF names) in another format; one this writer cannot produce
-    is written as zero bytes of the right size.
+    (not in `WRITABLE`) is written as zero bytes of the right size.
     """
     cfg = json.loads((src / "config.json").read_text())
     arch = GGUF_ARCH[cfg["model_type"]]
@@ -215,7 +220,12 @@ def write_gguf(
             x = x.T
         x = np.ascontiguousarray(x, dtype=np.float32)
         if (other := (types or {}).get(name)) is not None:
-            w.add_tensor(name, np.zeros(gguf.quant_shape_to_byte_shape(x.shape, other), np.uint8), raw_dtype=other)
+            data = (
+                quantize(x, other)
+                if other in WRITABLE
+                else np.zeros(gguf.quant_shape_to_byte_shape(x.shape, other), np.uint8)
+            )
+            w.add_tensor(name, data, raw_dtype=other)
             continue
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         if x.ndim < 2 or qtype == Q.F32:
@@ -731,6 +741,73 @@ def test_progress_bar_on_a_terminal(sources, cache, tmp_path, monkeypatch, capsy
     for phase in ("reading the header", "building the tokenizer", "dequantising the weights"):
         assert f"converting m.gguf to float32: {phase}" in err
     assert " MB" in err and "converted m.gguf to float32 in" in err
+
+
+# --- the GGUF's own blocks, for the compiled step (kvgen.loading.blocks) ------------------------------
+
+
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+def test_blocks_hold_exactly_the_dequantized_values(qtype):
+    qt = Q[qtype]
+    blocks = random_blocks(qt, 48, seed=3)
+    rows = 3
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, qt).reshape(rows, -1))
+    got = decode(qtype, blocks.reshape(rows, -1), rows)
+    assert got.q.dtype == torch.int8 and got.group in (16, 32)
+    assert torch.equal(got.weight(), want)  # bit for bit: the same operations in the same order
+    x = torch.randn(2, want.shape[1], dtype=torch.float64)
+    assert torch.allclose(got.product(x.float()).double(), x @ want.double().T, rtol=1e-5, atol=1e-5)
+
+
+def test_joined_blocks_keep_each_weight():
+    def weight(qtype: str, seed: int) -> Blocks:  # 2 rows of 512 values
+        n = 2 * 512 // gguf.GGML_QUANT_SIZES[Q[qtype]][0]
+        return decode(qtype, random_blocks(Q[qtype], n, seed).reshape(2, -1), 2)
+
+    parts = [weight(t, seed) for seed, t in enumerate(["Q4_K", "Q6_K", "Q8_0"])]
+    joined = Blocks.join(parts)
+    assert joined.group == 16 and joined.offset is not None  # Q6_K's groups; Q4_K's offsets
+    assert torch.equal(joined.weight(), torch.cat([p.weight() for p in parts]))
+    assert Blocks.join([parts[0], None]) is None
+
+
+# Mixed storage types, as a Q4_K_M file has: one fused q/k/v of three types and group sizes.
+MIXED = {"blk.0.attn_k.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_up.weight": Q.Q5_0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_step_over_blocks_gives_the_float32_tokens(arch, sources, cache, tmp_path):
+    src = sources(arch, "wide", scale=1.0)  # larger weights make the wide Gemma repeat one token
+    path = write_gguf(src, tmp_path / f"{arch}.gguf", Q.Q4_K, types=MIXED)
+    lm = kvgen.load(path, dtype="float32", gguf_blocks=True)
+    with_blocks = [m for m in lm.model.modules() if isinstance(getattr(m, "blocks", None), Blocks)]
+    assert len(with_blocks) == 4 * lm.model.config.num_hidden_layers + 1  # qkv, o, gate_up, down; the head
+    ids = sample_ids(src)
+
+    def greedy(**options) -> list[int]:
+        return [int(t[0]) for t in generate_tokens(lm.model, [ids], 16, cache_kind="static", **options)]
+
+    eager = greedy()  # the dequantized float32 weights: exactly the blocks' values
+    assert len(set(eager)) > 3
+    assert greedy(compile_step=True) == eager
+    for module in (with_blocks[0], lm.model.lm_head):  # sabotage: the compiled step reads the blocks
+        module.blocks.scale.neg_()
+        assert greedy(compile_step=True) != eager
+        module.blocks.scale.neg_()
+
+
+def test_gguf_blocks_refuse_what_cannot_use_them(sources, cache, tmp_path, capsys):
+    src = sources("llama")
+    with pytest.raises(ValueError, match="gguf_blocks needs a GGUF file"):
+        kvgen.load(src, dtype="float32", gguf_blocks=True)
+    path = write_gguf(src, tmp_path / "m.gguf", Q.Q8_0)
+    with pytest.raises(ValueError, match="choose one"):
+        kvgen.load(path, dtype="float32", gguf_blocks=True, screen_head=True)
+    capsys.readouterr()
+    assert main(["generate", "-m", str(path), "--gguf-blocks", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "--gguf-blocks are read by compiled steps only" in err and err.count("\n") == 1, err
 
 
 # --- the real model: Gemma 3 270M, Q4_K_M --------------------------------------------------------------
