@@ -543,7 +543,7 @@ def _add_gguf_blocks_arg(p: argparse.ArgumentParser, help: str | None = None) ->
         action="store_true",
         help=help
         or "with --compile and a GGUF file: compiled steps read the file's quantized weights as int8 blocks "
-        "(its exact values in ~half the bytes of bfloat16; ~0.3 GB more memory)",
+        "(its exact values in ~half the bytes of bfloat16; ~0.4 GB more memory)",
     )
 
 
