@@ -34,11 +34,11 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .fast import HANDLED, handle_for, library, linear
-from .loading import populate_file_pages, release_file_pages
+from .loading import populate_file_pages, release_file_pages, save_tensors
 
 HADAMARD_BLOCK = 128  # the rotation's Hadamard part: the largest power of two up to this that divides the width
 # fbgemm's AVX2 kernel adds pairs of u8·s8 products in int16; activations of 7 bits (0..127) cannot overflow it.
@@ -150,17 +150,6 @@ def read_store(path: Path, weight: Tensor) -> dict[str, Tensor] | None:
     return tensors if {name: tuple(t.shape) for name, t in tensors.items()} == shapes else None
 
 
-def write_store(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Save under a temporary name, then rename into place; a cache that cannot be written is skipped."""
-    from .trace import write_atomic  # (trace imports the loop, which imports this module)
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, save(tensors))
-    except OSError:
-        pass  # computed again at the next load
-
-
 class ScreenedHead(nn.Linear):
     """An LM head whose greedy choice reads int8 weights and stays exact (see the module's docstring).
 
@@ -190,7 +179,7 @@ class ScreenedHead(nn.Linear):
         if quantized is None:
             quantized = {name: torch.cat(parts) for name, parts in zip(STORED, zip(*self.quantize_rows()))}
             if store is not None:
-                write_store(store, quantized)
+                save_tensors(store, quantized)  # one we cannot write is computed again next time
         # fbgemm's packed int8 weights, one per block of rows
         self.blocks = pack_int8(quantized["q"], quantized["scales"], max(1, INT8_BLOCK_BYTES // self.in_features))
         self.register_buffer("error_norms", quantized["error_norms"].clone(), persistent=False)  # (V,)

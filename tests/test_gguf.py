@@ -797,6 +797,25 @@ def test_compiled_step_over_blocks_gives_the_float32_tokens(arch, sources, cache
         module.blocks.scale.neg_()
 
 
+def test_gguf_blocks_are_decoded_once_into_the_cache(sources, cache, tmp_path, monkeypatch):
+    from kvgen.loading import blocks as blocks_module
+
+    path = write_gguf(sources("llama"), tmp_path / "m.gguf", Q.Q8_0)
+    first = kvgen.load(path, dtype="float32", gguf_blocks=True).model.lm_head.blocks
+    store = blocks_module.store_path(path)
+    assert store.is_file() and not list(store.parent.glob("*.tmp"))
+    decode_file = blocks_module.decode_file
+    monkeypatch.setattr(blocks_module, "decode_file", lambda path: pytest.fail("decoded again"))
+    again = kvgen.load(path, dtype="float32", gguf_blocks=True).model.lm_head.blocks
+    assert torch.equal(again.weight(), first.weight())
+    store.write_bytes(b"not a safetensors file")  # a broken store is decoded again, and replaced
+    monkeypatch.setattr(blocks_module, "decode_file", decode_file)
+    assert torch.equal(
+        kvgen.load(path, dtype="float32", gguf_blocks=True).model.lm_head.blocks.weight(), first.weight()
+    )
+    assert store.stat().st_size > 100
+
+
 def test_gguf_blocks_refuse_what_cannot_use_them(sources, cache, tmp_path, capsys):
     src = sources("llama")
     with pytest.raises(ValueError, match="gguf_blocks needs a GGUF file"):

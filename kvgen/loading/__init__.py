@@ -90,6 +90,25 @@ def save_json(path: Path, data: Any) -> bool:
         return False
 
 
+def save_tensors(path: Path, tensors: dict[str, Tensor]) -> bool:
+    """Write `tensors` as safetensors beside `path` under a temporary name, then rename it into
+    place (never a half-written file); False where it cannot be written."""
+    from safetensors.torch import save_file
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        return False
+
+
 def _file_stamp(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

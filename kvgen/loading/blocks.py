@@ -197,20 +197,16 @@ def decode_file(path: Path) -> dict[str, Tensor]:
 
 def read_blocks(path: Path) -> dict[str, Blocks]:
     """The GGUF's decodable weights as Blocks, by name: from the store, else decoded (then stored)."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
 
-    from ..trace import write_atomic
+    from . import save_tensors
 
     store = store_path(path)
     try:
         tensors = load_file(store)
     except Exception:  # missing, or unreadable: decoded again
         tensors = decode_file(path)
-        try:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(store, save(tensors))
-        except OSError:
-            pass  # decoded again at the next load
+        save_tensors(store, tensors)  # a store we cannot write only means decoding again next time
     names = {key.rsplit(".", 1)[0] for key in tensors}
     return {n: Blocks(tensors[f"{n}.q"], tensors[f"{n}.scale"], tensors.get(f"{n}.offset")) for n in names}
 
