@@ -87,9 +87,9 @@ def load(
     start = time.perf_counter()
     dtype = resolve_dtype(dtype, device)
     source = default_model() if model is None else model
+    folder = resolve_model(source, dtype)  # first: a missing model is its own error
     if gguf_blocks:
         _check_gguf_blocks(source, device, backend, fast, screen_head)
-    folder = resolve_model(source, dtype)
     try:
         tokenizer = load_tokenizer(folder)
     except Exception as e:
