@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .cache import CACHE_KINDS, LayerCache
 from .generate import Step, generate_tokens
 from .hf import generate_tokens_hf
+from .runner import Runner
 from .sampling import SamplingParams
 from .speculative import SpeculativeStats, check_speculative, generate_tokens_prompt_lookup
 from .text import IncrementalDecoder, StopMatcher
@@ -35,7 +36,6 @@ class Timings:
     prompt_tokens: int = 0
     new_tokens: int = 0
     speculative: SpeculativeStats | None = None  # drafted / accepted / verify_steps, with speculative=...
-    compile_s: float | None = None  # with compile_step: the first decode step, compiling included (in decode_s)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -46,22 +46,12 @@ class Timings:
         """Decode steps per second: every token after the first comes from one decode step."""
         return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
 
-    @property
-    def compiled_tok_s(self) -> float:
-        """With compile_step: decode steps per second after the first, which waited for the compiler."""
-        steps, seconds = self.new_tokens - 2, self.decode_s - (self.compile_s or 0.0)
-        return steps / seconds if self.compile_s is not None and steps > 0 and seconds > 0 else 0.0
-
     def as_dict(self) -> dict[str, float]:
         out = {**dataclasses.asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
         if self.speculative is None:
             del out["speculative"]
         else:
             out["speculative"] = self.speculative.as_dict()
-        if self.compile_s is None:
-            del out["compile_s"]
-        else:
-            out["compiled_tok_s"] = self.compiled_tok_s
         return out
 
 
@@ -125,6 +115,7 @@ class LM:
         path: Path,
         eos_token_ids: list[int],
         load_seconds: float = 0.0,
+        runner: Runner | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -132,6 +123,7 @@ class LM:
         self.path = path
         self.eos_token_ids = eos_token_ids
         self.load_seconds = load_seconds
+        self.runner = runner or Runner()  # how the native loop's decode steps run (`kvgen.runner`)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,7 +159,6 @@ class LM:
         stats: SpeculativeStats | None = None,
         sink_tokens: int = 4,
         window: int | None = None,
-        compile_step: bool = False,
     ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
@@ -175,8 +166,6 @@ class LM:
             raise ValueError("continuing a KV cache or observing the steps needs the native backend")
         if cache == "sink" and (self.backend != "native" or speculative is not None):
             raise ValueError("the sink cache needs the native backend and plain (not speculative) decoding")
-        if compile_step and (self.backend != "native" or speculative is not None):
-            raise ValueError("compile_step needs the native backend and plain (not speculative) decoding")
         if speculative is not None:
             check_speculative(speculative, params, len(prompts), self.backend, draft_tokens, ngram_size)
             if kv_cache is not None or observe is not None:
@@ -203,7 +192,7 @@ class LM:
             observe,
             sink_tokens,
             window,
-            compile_step=compile_step,
+            decoder=self.runner.decoder,
         )
 
     def stream_batch(
@@ -222,7 +211,6 @@ class LM:
         ngram_size: int = 3,
         sink_tokens: int = 4,
         window: int | None = None,
-        compile_step: bool = False,
         **sampling,
     ) -> Iterator[list[Response | None]]:
         """Yield, per step, one `Response` per prompt (None once that prompt has finished).
@@ -234,9 +222,7 @@ class LM:
         its last `ngram_size` (down to 2) tokens (`kvgen.speculative`); the tokens are the same, and
         the final `Timings.speculative` counts drafted and accepted tokens. `cache="sink"` keeps the
         first `sink_tokens` and the last `window` tokens (default: the context less the sinks) and
-        runs past the model's context (`kvgen.cache.SinkLayerCache`). `compile_step=True` (with
-        `cache="static"`) runs decode steps through `torch.compile`: the same tokens, faster once
-        the first step has compiled (seconds; `kvgen.generate.decode_compiled`).
+        runs past the model's context (`kvgen.cache.SinkLayerCache`).
         """
         if not prompts:
             raise ValueError("no prompts given")
@@ -246,7 +232,7 @@ class LM:
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         stats = SpeculativeStats() if speculative is not None else None
         start = time.perf_counter()
-        first_token_at = second_token_at = start
+        first_token_at = start
         with contextlib.closing(
             self._token_steps(
                 prompt_ids,
@@ -263,15 +249,12 @@ class LM:
                 stats,
                 sink_tokens=sink_tokens,
                 window=window,
-                compile_step=compile_step,
             )
         ) as steps:
             for step, tokens in enumerate(steps):
                 now = time.perf_counter()
                 if step == 0:
                     first_token_at = now
-                if step == 1:
-                    second_token_at = now
                 out: list[Response | None] = []
                 for row, ids, token in zip(rows, prompt_ids, tokens.tolist()):
                     if row.finish_reason is not None:
@@ -284,8 +267,6 @@ class LM:
                         )
                         if stats is not None:
                             response.timings.speculative = dataclasses.replace(stats)
-                        if compile_step and step > 0:
-                            response.timings.compile_s = second_token_at - first_token_at
                     out.append(response)
                 yield out
                 if all(row.finish_reason for row in rows):
@@ -370,7 +351,6 @@ class LM:
         ngram_size: int = 3,
         sink_tokens: int = 4,
         window: int | None = None,
-        compile_step: bool = False,
     ) -> Result:
         """Generate up to `max_new_tokens` tokens after `prompt`.
 
@@ -382,9 +362,7 @@ class LM:
         backend) also records every step's shapes and caches in `Result.trace` (`kvgen.trace`).
         `speculative="prompt_lookup"` (greedy, native backend) drafts up to `draft_tokens` tokens
         per forward from earlier text matching the last `ngram_size` tokens, with the same result;
-        `timings.speculative` holds its counts. `compile_step=True` (with `cache="static"`) runs the
-        decode steps through `torch.compile`: the same tokens, faster once compiled (the first
-        step waits for it: seconds).
+        `timings.speculative` holds its counts.
         """
         tracer = None
         if trace:
@@ -413,7 +391,6 @@ class LM:
             ngram_size=ngram_size,
             sink_tokens=sink_tokens,
             window=window,
-            compile_step=compile_step,
         )
         if tracer is not None:
             result.trace = tracer.records

@@ -34,18 +34,14 @@ from typing import Callable
 
 import torch
 
-from .loading.blocks import Blocks
 from .loading.tokenizer import load_tokenizer
-from .screen import ScreenedHead
+from .quant import QuantEmbedding
 
 SYSTEMS = ("kvgen", "hf", "llama.cpp")
 PEERS = SYSTEMS[1:]
 LABELS = {
     "kvgen": "kvgen",
-    "kvgen-compiled": "kvgen, compiled step",
-    "kvgen-screened": "kvgen, int8-screened head",
-    "kvgen-compiled-screened": "kvgen, compiled step, int8-screened head",
-    "kvgen-compiled-blocks": "kvgen, compiled step over the GGUF's blocks",
+    "kvgen-reference": "kvgen, float reference",
     "hf": "transformers",
     "llama.cpp": "llama.cpp (llama-cpp-python)",
 }
@@ -110,22 +106,26 @@ def peak_rss_mb() -> float:
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step streams: every tensor once (a tied head shares its storage
-    with the embedding and is read once, as the head), but only one row of an embedding table that
-    serves just as a lookup."""
-    storages = {p.untyped_storage().data_ptr(): p for p in model.parameters()}  # tied tensors once
-    total = sum(p.numel() * p.element_size() for p in storages.values())
-    linear = {m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding) and m.weight.untyped_storage().data_ptr() not in linear:
-            total -= (m.weight.shape[0] - 1) * m.weight[0].numel() * m.weight.element_size()
+    """Bytes of weights one decode step streams: every tensor once (a tied head shares its memory
+    with the embedding and is read once, as the head; fused products are views of one copy), but
+    only one row of an embedding table that serves just as a lookup. oneDNN's packed copies are
+    counted as the weights they copy."""
     head = getattr(model, "lm_head", None)
-    if isinstance(head, ScreenedHead):  # a greedy step reads its int8 copy (its few confirmed rows aside)
-        total -= head.weight.numel() * (head.weight.element_size() - 1)
-    for m in model.modules():  # a compiled one-row step reads a GGUF's blocks instead (kvgen.loading.blocks)
-        if isinstance(getattr(m, "blocks", None), Blocks):
-            total += m.blocks.nbytes - m.weight.numel() * m.weight.element_size()
-    return total
+    linear = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    lookups, ranges = [], []
+    for m in model.modules():
+        tensors = [t for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if not t.is_mkldnn]
+        if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() not in linear:
+            lookups.append(m.weight)
+        elif isinstance(m, QuantEmbedding) and m.table is not head:
+            lookups += list(m.table.buffers())
+        ranges += [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+    looked_up = {t.data_ptr() for t in lookups}
+    total, end = 0, 0
+    for start, stop in sorted((s, e) for s, e in ranges if s not in looked_up):  # the union of the ranges: views and ties count once
+        total += max(0, stop - max(start, end))
+        end = max(end, stop)
+    return total + sum(t[0].numel() * t.element_size() for t in lookups if t.dim() > 0)
 
 
 def gguf_tensor_bytes(path: Path) -> dict[str, int]:
@@ -144,30 +144,30 @@ def gguf_bytes_per_token(sizes: dict[str, int]) -> int:
 
 # A system's generate: (prompt ids, batch, new tokens) -> (row 0's tokens, start time, per-token times).
 Generate = Callable[[list[int], int, int], tuple[list[int], float, list[float]]]
+# A loader returns (its Generate, weight bytes a decode step reads, what its weights are).
 
 
-def load_kvgen(spec: dict) -> tuple[Generate, int]:
+def load_kvgen(spec: dict) -> tuple[Generate, int, str]:
     """kvgen's own loop (`generate.generate_tokens`) on `kvgen.load`; the clock runs around the load."""
     import kvgen
     from kvgen.generate import generate_tokens
 
-    system = spec["system"]
-    lm = kvgen.load(spec["model"], spec["dtype"], screen_head="screened" in system, gguf_blocks="blocks" in system)
-    # kvgen-compiled: the static cache, its decode step through torch.compile (generate.decode_compiled)
-    compiled = dict(cache_kind="static", compile_step=True) if "compiled" in system else {}
+    quantize = "none" if spec["system"] == "kvgen-reference" else "auto"
+    lm = kvgen.load(spec["model"], spec["dtype"], quantize=quantize)
 
     def generate(ids: list[int], batch: int, n: int) -> tuple[list[int], float, list[float]]:
         tokens, stamps = [], []
         start = time.perf_counter()
-        for step in generate_tokens(lm.model, [ids] * batch, n, **compiled):
+        for step in generate_tokens(lm.model, [ids] * batch, n, decoder=lm.runner.decoder):
             tokens.append(int(step[0]))
             stamps.append(time.perf_counter())
         return tokens, start, stamps
 
-    return generate, weight_bytes_per_token(lm.model)
+    weights = spec["dtype"] + (f", weights {lm.runner.quantized} (int4/int8)" if lm.runner.quantized else "")
+    return generate, weight_bytes_per_token(lm.model), weights
 
 
-def load_hf(spec: dict) -> tuple[Generate, int]:
+def load_hf(spec: dict) -> tuple[Generate, int, str]:
     """transformers' tokenizer, model and `generate()` on the same file: a GGUF through its own GGUF
     loader (`gguf_file=`), a folder directly; each step timed by a streamer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,10 +205,10 @@ def load_hf(spec: dict) -> tuple[Generate, int]:
         )
         return out[0, len(ids) :].tolist(), start, stamps[1:]
 
-    return generate, weight_bytes_per_token(model)
+    return generate, weight_bytes_per_token(model), spec["dtype"]
 
 
-def load_llama_cpp(spec: dict) -> tuple[Generate, int]:
+def load_llama_cpp(spec: dict) -> tuple[Generate, int, str]:
     """llama.cpp through llama-cpp-python on the GGUF as it is (its own quantised kernels), greedy."""
     from llama_cpp import Llama
 
@@ -232,15 +232,12 @@ def load_llama_cpp(spec: dict) -> tuple[Generate, int]:
                 break
         return tokens, start, stamps
 
-    return generate, gguf_bytes_per_token(gguf_tensor_bytes(Path(spec["model_file"])))
+    return generate, gguf_bytes_per_token(gguf_tensor_bytes(Path(spec["model_file"]))), "GGUF as stored"
 
 
 LOADERS = {
     "kvgen": load_kvgen,
-    "kvgen-compiled": load_kvgen,
-    "kvgen-screened": load_kvgen,
-    "kvgen-compiled-screened": load_kvgen,
-    "kvgen-compiled-blocks": load_kvgen,
+    "kvgen-reference": load_kvgen,
     "hf": load_hf,
     "llama.cpp": load_llama_cpp,
 }
@@ -259,8 +256,8 @@ def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    generate, weight_bytes = LOADERS[spec["system"]](spec)
-    reply(load_s=time.perf_counter() - start, weight_bytes_per_token=weight_bytes)
+    generate, weight_bytes, weights = LOADERS[spec["system"]](spec)
+    reply(load_s=time.perf_counter() - start, weight_bytes_per_token=weight_bytes, weights=weights)
     for line in sys.stdin:
         batch, n = json.loads(line)
         tokens, begin, stamps = generate(spec["ids"], batch, n)
@@ -428,6 +425,7 @@ def figures(system: str, batch: int, prompt_len: int, loaded: dict, runs: list[d
         load_s=loaded["load_s"],
         peak_rss_mb=runs[-1]["peak_rss_mb"],  # after this batch size's last run
         weight_bytes_per_token=loaded["weight_bytes_per_token"],
+        weights=loaded["weights"],
         # a step reads the weights once for the whole batch
         gb_s=loaded["weight_bytes_per_token"] * decode / batch / 1e9,
         tokens=runs[0]["tokens"],
@@ -463,11 +461,9 @@ def measure_all(base: dict, batches: dict[str, list[int]], repeats: int) -> list
                 current = batch
                 rounds = f"a warm-up each, then {repeats} rounds taking turns"
                 print(f"kvgen bench: batch {batch}: {rounds} ...", file=sys.stderr, flush=True)
-            # The warm-up runs at the timed prompt length (kernel choice, first-touch pages); a compiled
-            # step compiles in it, for the timed cache size (so at the full length), and its time is reported.
-            full = timed or "compiled" in system
+            # The warm-up runs at the timed prompt length (kernel choice, first-touch pages).
             time.sleep(SETTLE_S)
-            result = workers[system].run(batch, base["new_tokens"] if full else 2)
+            result = workers[system].run(batch, base["new_tokens"] if timed else 2)
             if result is None:
                 workers.pop(system).close()
             elif timed:
@@ -537,10 +533,8 @@ def bench_figure(results: list[dict], title: str):
         ("peak_rss_mb", "peak RSS, MB"),
         ("bandwidth_pct", "% of memory bandwidth limit"),
     )
-    colours = {"kvgen": "tab:blue", "kvgen-compiled": "tab:cyan", "kvgen-screened": "tab:purple"}
-    colours |= {"kvgen-compiled-screened": "tab:pink", "kvgen-compiled-blocks": "tab:red"}
-    colours |= {"hf": "tab:orange", "llama.cpp": "tab:green"}
-    # one word a line: "kvgen-compiled-screened" beside its neighbours would overlap them
+    colours = {"kvgen": "tab:blue", "kvgen-reference": "tab:cyan", "hf": "tab:orange", "llama.cpp": "tab:green"}
+    # one word a line: "kvgen-reference" beside its neighbours would overlap them
     labels = [f"{r['system'].replace('-', chr(10))}\nbatch {r['batch']}" for r in results]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     for ax, (key, name) in zip(axes.flat, panels):
@@ -604,17 +598,7 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     folder, load_note = _model_folder(source, dtype, gguf)
     _check_fits(folder, dtype, args.prompt_tokens, args.new_tokens)
-    systems = [
-        "kvgen",
-        *(["kvgen-compiled"] if args.compile else []),
-        *(["kvgen-screened"] if args.screen_head else []),
-        *(["kvgen-compiled-screened"] if args.compile and args.screen_head else []),
-        *(["kvgen-compiled-blocks"] if args.gguf_blocks else []),
-    ]
-    if "kvgen-compiled-blocks" in systems and not gguf:
-        print("kvgen bench: skipping kvgen-compiled-blocks: it needs a GGUF file", file=sys.stderr)
-        systems.remove("kvgen-compiled-blocks")
-    systems += args.against
+    systems = ["kvgen", *(["kvgen-reference"] if args.reference else []), *args.against]
     if "llama.cpp" in systems and (problem := llama_cpp_problem() or (None if gguf else "it needs a GGUF file")):
         print(f"kvgen bench: skipping llama.cpp: {problem}", file=sys.stderr)
         systems.remove("llama.cpp")
@@ -630,7 +614,6 @@ def run_bench(args: argparse.Namespace) -> int:
     batches = {system: [1] if system == "llama.cpp" else args.batch for system in systems}
     results = []
     for row in measure_all(base, batches, args.repeats):
-        row["weights"] = "GGUF as stored" if row["system"] == "llama.cpp" else dtype
         row["bandwidth_pct"] = 100 * row["gb_s"] / gb_s
         results.append({key: row[key] for key in RESULT_KEYS} | row)  # the documented keys first
     if not results:
@@ -650,12 +633,6 @@ def run_bench(args: argparse.Namespace) -> int:
     ]
     if "llama.cpp" in systems:
         notes.append("llama.cpp runs batch 1 only, on the GGUF's own quantised weights")
-    for r in results:
-        if "compiled" in r["system"]:
-            notes.append(
-                f"{LABELS[r['system']]}: static cache; batch {r['batch']}'s untimed warm-up, compiling included, "
-                f"took {r['warm_up_s']:.1f} s"
-            )
     print_table(results, title, notes)
     if args.json:
         doc = dict(machine=machine, model=str(source), dtype=dtype, prompt_tokens=len(ids))

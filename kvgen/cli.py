@@ -15,6 +15,7 @@ from .api import BACKENDS, Result
 from .cache import CACHE_KINDS, check_sink, make_cache
 from .loading import DTYPES
 from .sampling import SamplingParams
+from .runner import QUANTIZE
 from .speculative import SPECULATIVE_METHODS, check_speculative
 
 
@@ -45,7 +46,7 @@ def _add_dtype_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     )
 
 
-def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
+def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: str = "auto") -> None:
     p.add_argument(
         "-m",
         "--model",
@@ -54,6 +55,13 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     )
     _add_dtype_arg(p, dtype)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default=quantize,
+        help=f"weights (default {quantize}): auto keeps a GGUF's 4-8-bit weights on int4/int8 kernels where they "
+        "run faster; int4/int8 quantize a float checkpoint; none is the float reference path",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -124,11 +132,6 @@ def _timing_line(result: Result) -> str:
     return (
         f"[{result.finish_reason}] prefill {t.prompt_tokens} tok in {t.prefill_s:.3f} s ({t.prefill_tok_s:.1f} tok/s), "
         f"decode {t.new_tokens} tok in {t.decode_s:.3f} s ({t.decode_tok_s:.1f} tok/s), load {t.load_s:.2f} s"
-        + (
-            f"; the first decode step compiled for {t.compile_s:.1f} s, then {t.compiled_tok_s:.1f} tok/s"
-            if t.compile_s
-            else ""
-        )
     )
 
 
@@ -136,18 +139,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import kvgen
 
     kwargs = {**_generation_kwargs(args), **_speculative_kwargs(args)}
-    if args.compile:  # refuse before loading a model
-        if args.cache != "static" or args.speculative is not None or args.backend != "native":
-            raise ValueError("--compile needs --cache static, the native backend and plain (not speculative) decoding")
-        kwargs["compile_step"] = True
-    if args.gguf_blocks and not args.compile:
-        raise ValueError("--gguf-blocks are read by compiled steps only: add --compile")
     if args.speculative is not None:  # refuse before loading a model
         params = SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
         check_speculative(args.speculative, params, 1, args.backend, args.draft_tokens, args.ngram_size)
-    lm = kvgen.load(
-        args.model, args.dtype, args.device, args.backend, screen_head=args.screen_head, gguf_blocks=args.gguf_blocks
-    )
+    lm = kvgen.load(args.model, args.dtype, args.device, args.backend, quantize=args.quantize)
     if args.json:
         print(json.dumps(lm.generate(args.prompt, args.max_new_tokens, **kwargs).as_dict(), indent=2))
         return 0
@@ -190,7 +185,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     results = {}
     for backend in ("hf", "native"):
-        lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, backend=backend)
+        lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, backend=backend, quantize=args.quantize)
         lm.generate(args.prompt, 2, **kwargs)  # warm-up: first calls pay one-time kernel set-up
         results[backend] = lm.generate(args.prompt, args.max_new_tokens, **kwargs)
     way1, way2 = results["hf"], results["native"]
@@ -263,7 +258,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError("--attention draws a plot: give --plot FILE.png too")
     _check_output(args.json)
     _check_output(args.plot, ".png")
-    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.attention is not None and not args.attention[0] < (layers := len(lm.model.cache_layout())):
         raise ValueError(f"layer {args.attention[0]} is out of range: the model has {layers} layers (0-{layers - 1})")
     tracer = Tracer(lm.tokenizer, attention=args.attention, layout=lm.model.cache_layout())
@@ -297,7 +292,7 @@ def cmd_compare_caches(args: argparse.Namespace) -> int:
     kwargs = _generation_kwargs(args)
     _check_output(args.plot, ".png")
     console = Console(highlight=False)
-    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     lm.generate(args.prompt, 2, **kwargs)  # warm-up: first calls pay one-time kernel set-up
     results, traces = {}, {}
     for kind in args.caches:
@@ -383,7 +378,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     _check_output(args.json)
     _check_output(args.plot, ".png")
     text = _read_text(args.file)
-    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)  # the native backend: the loop is kvgen's
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)  # the native backend: the loop is kvgen's
     ids = lm.encode(text)
     context = lm.model.config.context_length
     if args.max_tokens is not None and len(ids) > args.max_tokens:
@@ -444,6 +439,38 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality(args: argparse.Namespace) -> int:
+    """The fast path's next-token distributions against the float32 reference's on the same file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import kvgen
+
+    from .quality import measure
+    from .trace import write_atomic
+
+    _check_output(args.json)
+    if args.quantize == "none" and args.dtype == "float32":
+        raise ValueError("--quantize none --dtype float32 is the reference itself: nothing to compare")
+    text = _read_text(args.file)
+    reference = kvgen.load(args.model, dtype="float32", device=args.device, quantize="none")
+    fast = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    ids = reference.encode(text)[: args.tokens]
+    quality = measure(reference.model, fast.model, ids)
+    label = f"kvgen {fast.dtype}".replace("torch.", "") + (f", {fast.runner.quantized} weights" if fast.runner.quantized else "")
+    table = Table(title=f"{quality.tokens} positions against float32 (quantize none)")
+    for column in ("path", "mean KLD", "p99 KLD", "top-1 agreement", "perplexity"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    table.add_row("float32 reference", "—", "—", "—", f"{quality.reference_perplexity:.3f}")
+    table.add_row(
+        label, f"{quality.mean_kld:.5f}", f"{quality.p99_kld:.4f}", f"{quality.top1_agreement:.1%}", f"{quality.perplexity:.3f}"
+    )
+    Console(highlight=False).print(table)
+    if args.json:
+        write_atomic(args.json, json.dumps({"path": label, **quality.as_dict()}, indent=2).encode())
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive terminal chat; the KV cache is kept across turns."""
     import kvgen
@@ -455,7 +482,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     kwargs = _generation_kwargs(args)
     kwargs.pop("cache")
     sink = {key: kwargs.pop(key) for key in ("sink_tokens", "window") if key in kwargs}
-    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device)
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     session = lm.chat_session(system=args.system, cache=args.cache, template=template, **sink)
     if session.stops:
         print("note: this model has no chat template; using a plain 'User:/Assistant:' transcript", file=sys.stderr)
@@ -524,27 +551,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(
         args.model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.dtype, args.device,
-        args.served_model_name, args.prompt_cache_mb, args.screen_head,
+        args.served_model_name, args.prompt_cache_mb, args.quantize,
     )  # fmt: skip
     return 0
-
-
-def _add_screen_head_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--screen-head",
-        action="store_true",
-        help="greedy steps read the LM head in int8 and confirm their token exactly (same tokens; ~0.5 s more load)",
-    )
-
-
-def _add_gguf_blocks_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
-    p.add_argument(
-        "--gguf-blocks",
-        action="store_true",
-        help=help
-        or "with --compile and a GGUF file: compiled steps read the file's quantized weights as int8 blocks "
-        "(its exact values in ~half the bytes of bfloat16; ~0.4 GB more memory)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -556,19 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--backend", choices=BACKENDS, default="native")
     _add_speculative_args(p)
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="with --cache static: decode steps through torch.compile (same tokens; the first step compiles for seconds)",
-    )
-    _add_gguf_blocks_arg(p)
-    _add_screen_head_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("compare", help="run transformers' generate() and kvgen's loop on the same weights")
     _add_generation_args(p)
-    _add_model_args(p, dtype="float32")
+    _add_model_args(p, dtype="float32", quantize="none")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument(
         "--caches",
@@ -637,6 +639,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot NLL and log perplexity by position")
     p.set_defaults(run=cmd_perplexity)
 
+    p = sub.add_parser("quality", help="KL divergence of the fast path from the float32 reference, as llama.cpp measures it")
+    p.add_argument(
+        "file", metavar="FILE", nargs="?", default=None,
+        help="UTF-8 text; - reads standard input (default: the built-in Shakespeare, as perplexity)",
+    )  # fmt: skip
+    _add_model_args(p)
+    p.add_argument("--tokens", type=_positive_int, default=2048, metavar="N", help="positions scored (default 2048)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(run=cmd_quality)
+
     from .bench import parse_batches, parse_peers
 
     p = sub.add_parser("bench", help="kvgen beside transformers and llama.cpp on one model: tok/s, load, memory")
@@ -647,16 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="peers run after kvgen: hf, llama.cpp, or none (default hf,llama.cpp)",
     )  # fmt: skip
     p.add_argument(
-        "--compile",
+        "--reference",
         action="store_true",
-        help="also run kvgen with its decode step through torch.compile (static cache)",
+        help="also run kvgen's float reference path (--quantize none) beside its default one",
     )
-    p.add_argument(
-        "--screen-head",
-        action="store_true",
-        help="also run kvgen with its greedy steps reading the LM head in int8, exactly (kvgen.screen)",
-    )
-    _add_gguf_blocks_arg(p, "also run kvgen's compiled step over the GGUF's own quantized blocks")
     p.add_argument("--prompt-tokens", type=_positive_int, default=500, metavar="N", help="default 500")
     p.add_argument("--new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
     p.add_argument("--batch", type=parse_batches, default=[1], metavar="B[,B]", help="batch sizes (default 1)")
@@ -687,7 +693,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $KVGEN_API_KEY)")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send (default: -m)")
     p.add_argument("--prompt-cache-mb", type=float, default=256, metavar="MB", help="prefix KV kept (0 = off)")
-    _add_screen_head_arg(p)
     p.set_defaults(run=cmd_serve)
     return parser
 

@@ -9,14 +9,12 @@ the loop. Everything above it (text streaming, stop strings, batching results, t
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from . import fast, graphs, screen
 from .cache import LayerCache, SinkLayerCache, check_sink, make_cache
 from .sampling import SamplingParams, sample
 
@@ -44,39 +42,13 @@ def decode_one(model: nn.Module, token: Tensor, position: Tensor, cache: list[La
     return model(token[:, None], position[:, None], cache)
 
 
-_compiled_forwards: dict[tuple[type, str], Callable] = {}  # (model class, device type) -> its forward, compiled
-_unpacked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # packed weights dropped for one-row steps
-_merged_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # packed weights in 2 MB pages for batches
-COMPILED_CACHE_SLOTS = 256  # a compiled step's static cache is a multiple of this many slots
-# Inductor fuses what produces a product's input into the product's loop, computing it again for
-# every row of the weight (a norm 640 times over, in Gemma's step): that loop then computes, where it
-# should stream. Storing every computed input instead took Gemma 3 270M's step from ~9 to ~55 tokens/s.
-CPU_COMPILE_OPTIONS = {"realize_opcount_threshold": 1}
+Decode = Callable[[Tensor, Tensor], Tensor]  # (B,) tokens, (B,) positions -> (B, vocab) logits
+Decoder = Callable[[nn.Module, list[LayerCache], int], Decode]  # (model, cache, batch) -> its decode
 
 
-@torch.inference_mode()
-def decode_compiled(model: nn.Module, token: Tensor, position: Tensor, cache: list[LayerCache]) -> Tensor:
-    """`decode_one` through `torch.compile`: the step's ~1,800 small ops fused into a few kernels.
-
-    Compiled once per model and cache shape (the first call takes seconds: ~8 s for Gemma 3 270M
-    with inductor's cache warm, ~30 s cold). Only caches whose decode step reads no changing Python
-    number can be compiled (`graph_safe`): the static kind. Precision casts are emulated, so the
-    tokens are the eager step's. The first compiled step of one row drops the model's packed
-    weights (`fast.unpack`): the compiler streams the plain rows in its own loops (`fast.linear`),
-    ~1.6× faster; a compiled batch keeps them, merged into 2 MB pages (`fast.merge_packed_pages`).
-    """
-    device = token.device.type
-    key = (type(model), device)
-    if key not in _compiled_forwards:
-        options = {"emulate_precision_casts": True, **(CPU_COMPILE_OPTIONS if device == "cpu" else {})}
-        _compiled_forwards[key] = torch.compile(type(model).forward, dynamic=False, options=options)
-    if token.numel() == 1 and model not in _unpacked_models:  # a compiled step is for long runs: weights ready now
-        fast.unpack(model)
-        _unpacked_models.add(model)
-    elif model not in _merged_models:
-        fast.merge_packed_pages(model)
-        _merged_models.add(model)
-    return _compiled_forwards[key](model, token[:, None], position[:, None], cache)
+def plain_decoder(model: nn.Module, cache: list[LayerCache], batch: int) -> Decode:
+    """`decode_one` over one cache: the reference decode, and what a runner builds on (`kvgen.runner`)."""
+    return lambda token, position: decode_one(model, token, position, cache)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -144,8 +116,7 @@ def generate_tokens(
     observe: Callable[[Step], None] | None = None,
     sink_tokens: int = 4,
     window: int | None = None,
-    cuda_graph: bool = True,
-    compile_step: bool = False,
+    decoder: Decoder = plain_decoder,
 ) -> Iterator[Tensor]:
     """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
 
@@ -154,10 +125,8 @@ def generate_tokens(
     is continued (a chat's earlier turns): only `prompts` are prefilled, at positions from `start`.
     `observe` is called with a `Step` after each step's sampling; without it the loop keeps no records.
     `cache_kind="sink"` keeps `sink_tokens` + `window` tokens and runs past the model's context.
-    On a GPU with the static cache, decode steps are recorded once as a CUDA graph and replayed
-    (`kvgen.graphs`), unless `cuda_graph=False` or `observe` wants each step's tensors.
-    `compile_step` runs decode steps through `torch.compile` (`decode_compiled`; static cache only,
-    sized up to a multiple of 256 slots so that nearby lengths share one compiled step).
+    `decoder` builds the decode step once the cache exists: the model's runner hands in its own
+    (`kvgen.runner`: a CUDA graph, say); an observed run takes the plain one, whose tensors it reads.
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
@@ -166,13 +135,9 @@ def generate_tokens(
         check_fits(0, max_new_tokens, float("inf"))  # only max_new_tokens >= 1: no context bound
     else:
         check_fits(start + max(map(len, prompts)), max_new_tokens, model.config.context_length)
-    if compile_step and (cache_kind != "static" if cache is None else not graphs.graph_safe(cache)):
-        raise ValueError("compile_step needs the static cache: a growing cache would compile again at every step")
     tokens, positions = (t.to(device) for t in left_pad(prompts))
     positions = torch.where(positions >= 0, positions + start, positions)
     slots = tokens.shape[1] + max_new_tokens
-    if compile_step:
-        slots = -(-slots // COMPILED_CACHE_SLOTS) * COMPILED_CACHE_SLOTS
     if cache is None:
         cache = make_cache(
             cache_kind,
@@ -189,19 +154,9 @@ def generate_tokens(
     # which the penalty already covers, so padding never changes a row's result.
     history = torch.where(positions >= 0, tokens, tokens[:, -1:]) if params.repetition_penalty != 1.0 else None
 
-    decode_step = decode_compiled if compile_step else decode_one
-
-    def decode(token: Tensor, position: Tensor) -> Tensor:
-        return decode_step(model, token, position, cache)
-
-    if not compile_step and cuda_graph and observe is None and graphs.can_record(cache, device):
-        decode = graphs.GraphDecoder(decode, len(prompts), device, graph=graphs.CudaGraph)
-
-    # A plain greedy choice reads only the argmax: a screened head may then skip most logits (kvgen.screen).
-    argmax_only = params.greedy and params.repetition_penalty == 1.0 and observe is None
+    decode = (decoder if observe is None else plain_decoder)(model, cache, len(prompts))
     started = time.perf_counter()
-    with screen.argmax_only(model, argmax_only):
-        logits = prefill(model, tokens, positions, cache)
+    logits = prefill(model, tokens, positions, cache)
     position = positions[:, -1] + 1
     for step in range(max_new_tokens):
         token = sample(logits, params, generator, history)
@@ -213,6 +168,5 @@ def generate_tokens(
             return
         if history is not None:
             history = torch.cat([history, token[:, None]], dim=1)
-        with screen.argmax_only(model, argmax_only):
-            logits = decode(token, position)
+        logits = decode(token, position)
         position = position + 1

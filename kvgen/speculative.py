@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import screen
 from .cache import DynamicLayerCache, LayerCache, LayerShape, RingLayerCache, StaticLayerCache, truncate
 from .generate import check_fits, prefill
 from .sampling import SamplingParams
@@ -174,8 +173,7 @@ def generate_tokens_prompt_lookup(
         cache_kind, model.cache_layout(), len(prompt) + max_new_tokens, draft_tokens, dtype, device
     )
     tokens = torch.tensor([prompt], device=device)
-    with screen.argmax_only(model):  # only argmaxes are read here (kvgen.screen)
-        logits = prefill(model, tokens, torch.arange(len(prompt), device=device)[None], cache)  # (1, vocab)
+    logits = prefill(model, tokens, torch.arange(len(prompt), device=device)[None], cache)  # (1, vocab)
     token = int(logits[0].argmax())
     context = list(prompt)  # every token so far; the cache holds all but the last
     yield torch.tensor([token], device=device)
@@ -187,8 +185,7 @@ def generate_tokens_prompt_lookup(
         fed = torch.tensor([[token, *draft]], device=device)  # (1, 1 + d)
         held = len(context) - 1
         positions = torch.arange(held, held + fed.shape[1], device=device)[None]
-        with screen.argmax_only(model):
-            choices = model(fed, positions, cache, all_logits=True)[0].argmax(dim=-1).tolist()  # (1 + d,)
+        choices = model(fed, positions, cache, all_logits=True)[0].argmax(dim=-1).tolist()  # (1 + d,)
         accepted = 0
         while accepted < len(draft) and draft[accepted] == choices[accepted]:
             accepted += 1

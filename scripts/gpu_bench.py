@@ -100,15 +100,16 @@ def timed(run, device: str) -> tuple[list[int], float]:
 
 
 def kvgen_runner(folder: Path, device: str, cache_kind: str):
-    from kvgen.fast import speed_up
     from kvgen.generate import generate_tokens
     from kvgen.loading import load_native
+    from kvgen.runner import prepare
 
-    model = speed_up(load_native(folder, torch.bfloat16, device), pack_weights=False)
+    model = load_native(folder, torch.bfloat16, device)
+    runner = prepare(model, None, torch.bfloat16, device, "auto")  # as kvgen.load does: CUDA graphs on a GPU
 
     def run(ids: list[int], n: int, on_token) -> list[int]:
         out = []
-        for step in generate_tokens(model, [ids], n, cache_kind=cache_kind):
+        for step in generate_tokens(model, [ids], n, cache_kind=cache_kind, decoder=runner.decoder):
             out.append(int(step[0]))
             on_token()
         return out

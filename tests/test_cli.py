@@ -24,18 +24,16 @@ def test_generate_streams_text_and_timings(cli, gpt2_tiny):
     assert "decode 12 tok" in err and "[length]" in err
 
 
-def test_generate_with_a_compiled_step(cli, gpt2_tiny):
-    args = ("generate", "It was the best", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--json", "--cache", "static")
+def test_generate_with_quantized_weights(cli, gpt2_tiny):
+    """--quantize int8 on a float checkpoint: the same command, other weights; --quantize none is the
+    reference path, whose tokens are the default's on a float checkpoint (nothing is quantized)."""
+    args = ("generate", "It was the best", "-m", gpt2_tiny, "-n", 12, "--ignore-eos", "--json", "--dtype", "float32")
     code, out, _ = cli(*args)
-    code_compiled, out_compiled, _ = cli(*args, "--compile")
-    assert code == code_compiled == 0
-    assert json.loads(out_compiled)["token_ids"] == json.loads(out)["token_ids"]
-    timings = json.loads(out_compiled)["timings"]
-    assert "compile_s" not in json.loads(out)["timings"]
-    assert 0 < timings["compile_s"] < timings["decode_s"]  # the warm-up is reported, inside decode_s
-    assert timings["compiled_tok_s"] == pytest.approx(10 / (timings["decode_s"] - timings["compile_s"]))
-    code, _, err = cli(*args[:-3], "--cache", "static", "--compile")
-    assert code == 0 and "the first decode step compiled for" in err
+    code_ref, out_ref, _ = cli(*args, "--quantize", "none")
+    code_q, out_q, _ = cli(*args, "--quantize", "int8")
+    assert code == code_ref == code_q == 0
+    assert json.loads(out)["token_ids"] == json.loads(out_ref)["token_ids"]
+    assert len(json.loads(out_q)["token_ids"]) == 12
 
 
 def test_compare_reports_identical(cli, gpt2_tiny):
@@ -61,7 +59,8 @@ BAD = {
     "context overflow": (["generate", "hi", "-m", "{model}", "-n", "300"], "exceeds the model's context of 256"),
     "not a number": (["generate", "hi", "-m", "{model}", "-n", "many"], "not a whole number"),
     "no command": ([], "required"),
-    "compile, dynamic cache": (["generate", "hi", "-m", "{model}", "--compile"], "--compile needs --cache static"),
+    "unknown quantization": (["generate", "hi", "-m", "{model}", "--quantize", "int3"], "invalid choice: 'int3'"),
+    "quantized on a GPU": (["generate", "hi", "-m", "{model}", "--quantize", "int4", "--device", "meta"], "CPU kernels only"),
 }
 
 

@@ -7,25 +7,22 @@ import torch
 
 import kvgen
 from kvgen.loading import dtype as dtype_module
-from kvgen.loading.dtype import fastest_dtype, packing_pays, resolve_dtype
+from kvgen.loading.dtype import fastest_dtype, packing_pays, quantized_pays, resolve_dtype
 
 
 def test_measured_once_then_remembered(tmp_path, monkeypatch):
     monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
     times = {torch.float32: 2.0, torch.bfloat16: 1.0}
-    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, packed=False: times[dtype] / (1 + packed))
+    speedup = {"": 1, "_packed": 2, "_int8": 1.5, "_int4": 4}
+    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, kernel="": times[dtype] / speedup[kernel])
     assert fastest_dtype() == torch.bfloat16
     (record,) = json.loads((tmp_path / "fastest-dtype.json").read_text()).values()
-    assert record == {
-        "dtype": "bfloat16",
-        "float32_s": 2.0,
-        "float32_packed_s": 1.0,
-        "bfloat16_s": 1.0,
-        "bfloat16_packed_s": 0.5,
-    }
+    assert record["dtype"] == "bfloat16"
+    assert record["float32_packed_s"] == 1.0 and record["bfloat16_s"] == 1.0 and record["bfloat16_packed_s"] == 0.5
     assert packing_pays(torch.bfloat16) and packing_pays(torch.float32)
+    assert quantized_pays(torch.bfloat16) == ("bfloat16_int4_s" in record)  # int4 4x; int8 slower than packed
 
-    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, packed=False: pytest.fail("measured twice"))
+    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, kernel="": pytest.fail("measured twice"))
     assert fastest_dtype() == torch.bfloat16 and packing_pays(torch.bfloat16)
     assert resolve_dtype("auto") == torch.bfloat16 and resolve_dtype("float16") == torch.float16
 
@@ -33,7 +30,7 @@ def test_measured_once_then_remembered(tmp_path, monkeypatch):
 def test_slower_bfloat16_means_float32(tmp_path, monkeypatch):
     monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
     monkeypatch.setattr(
-        dtype_module, "_seconds_per_matvec", lambda dtype, packed=False: 1.0 if dtype == torch.float32 else 3.0
+        dtype_module, "_seconds_per_matvec", lambda dtype, kernel="": 1.0 if dtype == torch.float32 else 3.0
     )
     assert fastest_dtype() == torch.float32
     assert fastest_dtype("meta") == torch.bfloat16  # not a CPU: bfloat16 without measuring
@@ -43,14 +40,15 @@ def test_packed_kernel_counts_toward_the_choice(tmp_path, monkeypatch):
     """bfloat16's F.linear is slower than float32's here, but its packed kernel is the fastest of all."""
     monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
     times = {
-        (torch.float32, False): 2.0,
-        (torch.float32, True): 2.5,
-        (torch.bfloat16, False): 3.0,
-        (torch.bfloat16, True): 1.0,
+        (torch.float32, ""): 2.0,
+        (torch.float32, "_packed"): 2.5,
+        (torch.bfloat16, ""): 3.0,
+        (torch.bfloat16, "_packed"): 1.0,
     }
-    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, packed=False: times[dtype, packed])
+    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, kernel="": times.get((dtype, kernel), 9.0))
     assert fastest_dtype() == torch.bfloat16
     assert packing_pays(torch.bfloat16) and not packing_pays(torch.float32)
+    assert not quantized_pays(torch.bfloat16)  # its int kernels (9 s) are slower than the float ones here
     assert not packing_pays(torch.float16) and not packing_pays(torch.bfloat16, "meta")
 
 
@@ -60,7 +58,7 @@ def test_a_record_without_packed_times_is_measured_again(tmp_path, monkeypatch):
     (tmp_path / "fastest-dtype.json").write_text(
         json.dumps({key: {"dtype": "float32", "float32_s": 1.0, "bfloat16_s": 2.0}})
     )
-    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, packed=False: 0.5 if packed else 1.0)
+    monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, kernel="": 0.5 if kernel else 1.0)
     assert packing_pays(torch.float32)
     assert set(json.loads((tmp_path / "fastest-dtype.json").read_text())[key]) >= {
         "float32_packed_s",
@@ -80,6 +78,6 @@ def test_unwritable_cache_still_answers(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("KVGEN_CACHE", str(blocker / "cache"))
     monkeypatch.setattr(
-        dtype_module, "_seconds_per_matvec", lambda dtype, packed=False: 1.0 if dtype == torch.float32 else 3.0
+        dtype_module, "_seconds_per_matvec", lambda dtype, kernel="": 1.0 if dtype == torch.float32 else 3.0
     )
     assert fastest_dtype() == torch.float32

@@ -1,10 +1,9 @@
 """The decode fast path (`kvgen.fast`): fused projections and prepacked weights change nothing a
-user sees. The reference is the same checkpoint loaded with `fast=False` (plain `nn.Linear`s,
+user sees. The reference is the same checkpoint loaded with `quantize="none"` (plain `nn.Linear`s,
 which test_llama_qwen, test_gemma3 and test_gpt2 hold against transformers)."""
 
 import json
 import mmap
-import platform
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import kvgen
-from kvgen.fast import FastLinear, FusedLinear, merge_packed_pages, packing_available, speed_up
+from kvgen.fast import FastLinear, FusedLinear, packing_available, speed_up
 from kvgen.generate import generate_tokens
 from kvgen.loading import populate_file_pages, release_file_pages
 from kvgen.loading.dtype import packing_pays
@@ -45,10 +44,10 @@ def greedy(lm, cache: str) -> list[list[int]]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "fused"])
 def test_same_greedy_tokens_as_the_reference_path(folder, dtype, pack):
-    reference = kvgen.load(folder, dtype=dtype, fast=False)
-    fast = kvgen.load(folder, dtype=dtype, fast=False)
+    reference = kvgen.load(folder, dtype=dtype, quantize="none")
+    fast = kvgen.load(folder, dtype=dtype, quantize="none")
     speed_up(fast.model, pack_weights=pack)
-    assert bool(fast.model.lm_head.starts) == pack
+    assert isinstance(fast.model.lm_head, FastLinear) == (pack and packing_available())
     for cache in ("dynamic", "static"):
         want = greedy(reference, cache)
         assert greedy(fast, cache) == want, cache
@@ -56,8 +55,8 @@ def test_same_greedy_tokens_as_the_reference_path(folder, dtype, pack):
 
 
 def test_logits_match_and_checkpoint_is_untouched(folder):
-    reference = kvgen.load(folder, dtype="float32", fast=False).model
-    model = kvgen.load(folder, dtype="float32", fast=False).model
+    reference = kvgen.load(folder, dtype="float32", quantize="none").model
+    model = kvgen.load(folder, dtype="float32", quantize="none").model
     before = {name: t.clone() for name, t in model.state_dict().items()}
     speed_up(model, pack_weights=True)
     after = model.state_dict()
@@ -73,11 +72,9 @@ def test_load_builds_the_fast_path_by_default(folder):
     lm = kvgen.load(folder, dtype="float32")
     kinds = {type(m) for m in lm.model.modules()}
     assert (FusedLinear in kinds) == ("gpt2" not in str(folder))  # GPT-2's checkpoint already fuses q, k, v
-    fused = {id(linear) for m in lm.model.modules() if isinstance(m, FusedLinear) for linear in m.linears}
-    assert all(id(m) in fused for m in lm.model.modules() if type(m) is torch.nn.Linear)  # the rest are FastLinear
-    packed = [m for m in lm.model.modules() if isinstance(m, FastLinear) and m.starts]
+    packed = [m for m in lm.model.modules() if isinstance(m, FastLinear)]
     assert bool(packed) == packing_pays(torch.float32)
-    kinds = {type(m) for m in kvgen.load(folder, dtype="float32", fast=False).model.modules()}
+    kinds = {type(m) for m in kvgen.load(folder, dtype="float32", quantize="none").model.modules()}
     assert not kinds & {FusedLinear, FastLinear}
 
 
@@ -88,8 +85,8 @@ def test_large_weights_are_packed_in_blocks(monkeypatch):
 
     monkeypatch.setattr(kvgen.fast, "PACK_CHUNK_BYTES", 40 * 16 * 4)  # 40 rows of 16 floats
     linear = torch.nn.Linear(16, 100)
-    packed = FastLinear(linear, packed=True)
-    assert packed.starts == [0, 40, 80]
+    packed = FastLinear(linear)
+    assert packed.blocks == 3
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(packed(x), linear(x), rtol=0, atol=1e-6)
 
@@ -99,7 +96,7 @@ def test_released_pages_still_read_the_same_values(folder, dtype):
     """Handing weights' pages back to the OS loses nothing: mapped ones are read again from the
     file, and anonymous ones (converted at load from the float32 checkpoint) can only be swapped."""
     (file,) = folder.glob("*.safetensors")
-    lm = kvgen.load(folder, dtype=dtype, fast=False)
+    lm = kvgen.load(folder, dtype=dtype, quantize="none")
     model_type = json.loads((folder / "config.json").read_text())["model_type"]
     on_disk = family(model_type)[1].remap(load_file(file))  # the checkpoint, in the model's names
     populate_file_pages(list(lm.model.parameters()))
@@ -134,29 +131,11 @@ def test_packed_weights_are_advised_into_huge_pages():
     """Every decode step streams the packed weights whole: their pages are marked for 2 MB pages
     (`hg`), which the kernel's khugepaged then merges (kvgen.loading.advise_huge_pages)."""
     linear = torch.nn.Linear(1024, 4096, bias=False)  # 16 MB in float32
-    packed = FastLinear(linear, packed=True).packed0
+    packed = FastLinear(linear).packed0
     middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
     assert "hg" in _smaps(middle, "VmFlags:")
-    fused = FusedLinear([torch.nn.Linear(1024, 2048), torch.nn.Linear(1024, 2048)], packed=True).weight
+    fused = FusedLinear([torch.nn.Linear(1024, 2048), torch.nn.Linear(1024, 2048)], packed=True).packed
     assert "hg" in _smaps(torch.ops.mkldnn.data_ptr(fused) + torch.ops.mkldnn._nbytes(fused) // 2, "VmFlags:")
     # Not a packed weight: not advised. (Its own mapping: the heap may reuse a freed packed weight's advised pages.)
     plain = torch.frombuffer(mmap.mmap(-1, 16 << 20), dtype=torch.float32)
     assert "hg" not in _smaps(plain.data_ptr() + plain.nbytes // 2, "VmFlags:")
-
-
-@pytest.mark.skipif(
-    not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(), reason="no transparent huge pages here"
-)
-@pytest.mark.skipif(
-    tuple(int(part) for part in platform.release().split(".")[:2]) < (6, 1), reason="MADV_COLLAPSE needs Linux 6.1"
-)
-@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
-def test_merging_puts_packed_weights_in_huge_pages_now():
-    """What a compiled batch step does before its long run (kvgen.fast.merge_packed_pages)."""
-    model = torch.nn.Sequential(FastLinear(torch.nn.Linear(1024, 4096, bias=False), packed=True))  # 16 MB, packed
-    packed = model[0].packed0
-    middle = torch.ops.mkldnn.data_ptr(packed) + torch.ops.mkldnn._nbytes(packed) // 2
-    merge_packed_pages(model)
-    assert (
-        int(_smaps(middle, "AnonHugePages:")[0]) >= 12 * 1024
-    )  # 16 MB holds at least 7 whole 2 MB pages, wherever it starts

@@ -29,7 +29,8 @@ import kvgen
 from kvgen.cli import main
 from kvgen.generate import generate_tokens
 from kvgen.loading import convert as convert_module
-from kvgen.loading.blocks import DECODERS, Blocks, decode
+from kvgen.loading.blocks import DECODERS, to_quant
+from kvgen.quant import QuantEmbedding, QuantLinear, int4_available, pack_int4, unpack_int4
 from kvgen.loading.convert import cached_folder, content_key, convert_gguf
 from kvgen.loading.tokenizer import load_tokenizer
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen2, build_qwen3
@@ -430,7 +431,7 @@ def test_quantized_matches_transformers_gguf_loader(arch, qtype, sources, cache,
             assert torch.allclose(our_state[name], want, rtol=0, atol=1e-6), name
 
     ids = sample_ids(src)
-    got = native_logits(kvgen.load(path, dtype="float32"), ids)
+    got = native_logits(kvgen.load(path, dtype="float32", quantize="none"), ids)
     assert (got - hf_logits(reference, ids)).abs().max() < 1e-4
     expected = hf_logits(hf_model(src), ids)
     error = ((got - expected).norm() / expected.norm()).item()
@@ -743,210 +744,152 @@ def test_progress_bar_on_a_terminal(sources, cache, tmp_path, monkeypatch, capsy
     assert " MB" in err and "converted m.gguf to float32 in" in err
 
 
-# --- the GGUF's own blocks, for the compiled step (kvgen.loading.blocks) ------------------------------
+# --- the GGUF's own values on int4/int8 kernels (kvgen.quant, kvgen.loading.blocks) --------------
 
 
-@pytest.mark.parametrize("qtype", sorted(DECODERS))
-def test_blocks_hold_exactly_the_dequantized_values(qtype):
+def quantized_weight(qtype: str, rows: int = 64, cols: int = 512, seed: int = 3, dtype=torch.float32):
+    """A random GGUF weight of `qtype` -> (its QuantLinear, gguf's own float32 dequantization)."""
     qt = Q[qtype]
-    blocks = random_blocks(qt, 48, seed=3)
-    rows = 3
-    want = torch.from_numpy(gguf.quants.dequantize(blocks, qt).reshape(rows, -1))
-    got = decode(qtype, blocks.reshape(rows, -1), rows)
-    assert got.q.dtype == torch.int8 and got.group in (16, 32)
-    assert torch.equal(got.weight(), want)  # bit for bit: the same operations in the same order
-    x = torch.randn(2, want.shape[1], dtype=torch.float64)
-    assert torch.allclose(got.product(x.float()).double(), x @ want.double().T, rtol=1e-5, atol=1e-5)
+    blocks = random_blocks(qt, rows * cols // gguf.GGML_QUANT_SIZES[qt][0], seed)
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, qt).reshape(rows, cols))
+    return to_quant(qtype, blocks.reshape(rows, -1), (rows, cols), dtype), want
 
 
-def test_joined_blocks_keep_each_weight():
-    def weight(qtype: str, seed: int) -> Blocks:  # 2 rows of 512 values
-        n = 2 * 512 // gguf.GGML_QUANT_SIZES[Q[qtype]][0]
-        return decode(qtype, random_blocks(Q[qtype], n, seed).reshape(2, -1), 2)
+@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+def test_quantized_weights_hold_the_files_values(qtype):
+    """Every type with groups of 32 keeps its values (float32 rounding apart): as one int4 term for
+    4-bit types, two for 5- to 8-bit ones; Q6_K (groups of 16) is re-quantized to 8 bits."""
+    got, want = quantized_weight(qtype)
+    terms = {"Q4_0": 1, "Q4_1": 1, "Q4_K": 1}.get(qtype, 2)
+    assert got.kind == "int4" and len(got.packed) == terms
+    error = (got.dequantize() - want).abs().max().item()
+    if qtype == "Q6_K":  # half a step of 8 bits over each group's range, at most
+        assert error <= (want.abs().max().item() * 2) / 255 / 2 * 1.01
+        assert error > 0
+    else:
+        assert error <= 1e-6 * want.abs().max().item(), error
+    ids = torch.tensor([[0, 63], [40, 7]])
+    assert torch.equal(got.rows(ids), got.dequantize()[ids])  # the embedding lookup reads the same values
 
-    parts = [weight(t, seed) for seed, t in enumerate(["Q4_K", "Q6_K", "Q8_0"])]
-    joined = Blocks.join(parts)
-    assert joined.group == 16 and joined.offset is not None  # Q6_K's groups; Q4_K's offsets
-    assert torch.equal(joined.weight(), torch.cat([p.weight() for p in parts]))
-    assert Blocks.join([parts[0], None]) is None
+
+@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_products_match_the_dequantized_weight(qtype, dtype):
+    got, _ = quantized_weight(qtype, dtype=dtype)
+    weight = got.dequantize().double()
+    x = torch.randn(5, 512, dtype=torch.float64)
+    want = x @ weight.T
+    for shape in [(5, 512), (5, 1, 512), (1, 5, 512)]:  # decode rows (kernel); a prompt's rows (dequantized bands)
+        y = got(x.to(dtype).view(shape)).double().view(5, -1)
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        assert ((y - want).abs().max() / want.abs().max()).item() < tolerance, shape
 
 
-# Mixed storage types, as a Q4_K_M file has: one fused q/k/v of three types and group sizes.
-MIXED = {"blk.0.attn_k.weight": Q.Q6_K, "blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_up.weight": Q.Q5_0}
+@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "int8"])
+def test_a_rows_product_does_not_depend_on_its_batch(qtype):
+    """What makes greedy tokens batch-invariant on this path: each row of a decode step gets the
+    same bits whatever other rows run beside it."""
+    if qtype == "int8":
+        got = QuantLinear.quantize(torch.randn(128, 512), "int8", torch.bfloat16)
+    else:
+        got, _ = quantized_weight(qtype, dtype=torch.bfloat16)
+    x = torch.randn(16, 1, 512).bfloat16()
+    together = got(x)
+    for i in range(16):
+        assert torch.equal(got(x[i : i + 1]), together[i : i + 1]), i
 
 
-@pytest.mark.slow
+def test_pack_layout_is_the_kernels():
+    if not int4_available():
+        pytest.skip("this torch build has no CPU int4 kernel in the known layout")
+    u = torch.randint(0, 16, (128, 96), dtype=torch.int32)
+    assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), pack_int4(u))
+    assert torch.equal(unpack_int4(pack_int4(u)), u.to(torch.uint8))
+
+
+# Mixed storage types, as a Q4_K_M file has: a fused q/k/v and gate/up of several types.
+MIXED = {"blk.0.attn_k.weight": Q.Q5_0, "blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_up.weight": Q.Q5_1}
+
+
+@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_compiled_step_over_blocks_gives_the_float32_tokens(arch, sources, cache, tmp_path):
-    src = sources(arch, "wide", scale=1.0)  # larger weights make the wide Gemma repeat one token
+def test_quantized_path_gives_the_float32_reference_tokens(arch, sources, cache, tmp_path):
+    """In float32 the quantized path computes with the file's exact values: the reference's greedy
+    tokens, alone and in a batch, from weights that stay 4-8-bit in memory."""
+    src = sources(arch, "wide", scale=1.0)
     path = write_gguf(src, tmp_path / f"{arch}.gguf", Q.Q4_K, types=MIXED)
-    lm = kvgen.load(path, dtype="float32", gguf_blocks=True)
-    with_blocks = [m for m in lm.model.modules() if isinstance(getattr(m, "blocks", None), Blocks)]
-    assert len(with_blocks) == 4 * lm.model.config.num_hidden_layers + 1  # qkv, o, gate_up, down; the head
+    reference = kvgen.load(path, dtype="float32", quantize="none")
+    lm = kvgen.load(path, dtype="float32", quantize="int4")
+    assert lm.runner.quantized == "gguf" and reference.runner.quantized is None
+    assert not any(isinstance(m, torch.nn.Linear) for m in lm.model.modules())  # every product is quantized
+    assert isinstance(lm.model.model.embed_tokens, QuantEmbedding)
     ids = sample_ids(src)
+    want = native_logits(reference, ids)
+    assert (native_logits(lm, ids) - want).abs().max() < 1e-4 * want.abs().max()
+    prompts = [ids, ids[:5], ids[3:]]
 
-    def greedy(**options) -> list[int]:
-        return [int(t[0]) for t in generate_tokens(lm.model, [ids], 16, cache_kind="static", **options)]
+    def greedy(model, batch):
+        return torch.stack(list(generate_tokens(model, batch, 16, decoder=lm.runner.decoder)), 1).tolist()
 
-    eager = greedy()  # the dequantized float32 weights: exactly the blocks' values
-    assert len(set(eager)) > 3
-    assert greedy(compile_step=True) == eager
-    for module in (with_blocks[0], lm.model.lm_head):  # sabotage: the compiled step reads the blocks
-        module.blocks.scale.neg_()
-        assert greedy(compile_step=True) != eager
-        module.blocks.scale.neg_()
+    alone = [greedy(reference.model, [p])[0] for p in prompts]
+    assert all(len(set(row)) > 3 for row in alone)  # not one token repeated: the comparison means something
+    assert [greedy(lm.model, [p])[0] for p in prompts] == alone
+    assert greedy(lm.model, prompts) == alone
 
 
-def test_gguf_blocks_are_decoded_once_into_the_cache(sources, cache, tmp_path, monkeypatch):
+@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path):
+    """kvgen's default on a fast CPU: bfloat16 over the quantized weights. A batch's greedy rows are
+    the rows run alone (decode kernels compute each row the same way whatever the batch)."""
+    path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf", Q.Q4_K, types=MIXED)
+    lm = kvgen.load(path, dtype="bfloat16", quantize="int4")
+    prompts = [lm.encode(p) for p in ["It was the best of times", "it was the worst", "the age of wisdom, it was"]]
+    steps = lambda batch: torch.stack(list(generate_tokens(lm.model, batch, 12, decoder=lm.runner.decoder)), 1)  # noqa: E731
+    together = steps(prompts).tolist()
+    assert together == [steps([p])[0].tolist() for p in prompts]
+
+
+def test_quantized_weights_are_made_once_into_the_cache(sources, cache, tmp_path, monkeypatch):
     from kvgen.loading import blocks as blocks_module
 
+    if not int4_available():
+        pytest.skip("this torch build has no CPU int4 kernel in the known layout")
     path = write_gguf(sources("llama"), tmp_path / "m.gguf", Q.Q8_0)
-    first = kvgen.load(path, dtype="float32", gguf_blocks=True).model.lm_head.blocks
-    store = blocks_module.store_path(path)
+    first = kvgen.load(path, dtype="float32", quantize="int4").model.lm_head
+    store = blocks_module.store_path(path, torch.float32)
     assert store.is_file() and not list(store.parent.glob("*.tmp"))
-    decode_file = blocks_module.decode_file
-    monkeypatch.setattr(blocks_module, "decode_file", lambda path: pytest.fail("decoded again"))
-    again = kvgen.load(path, dtype="float32", gguf_blocks=True).model.lm_head.blocks
-    assert torch.equal(again.weight(), first.weight())
-    store.write_bytes(b"not a safetensors file")  # a broken store is decoded again, and replaced
-    monkeypatch.setattr(blocks_module, "decode_file", decode_file)
-    assert torch.equal(
-        kvgen.load(path, dtype="float32", gguf_blocks=True).model.lm_head.blocks.weight(), first.weight()
-    )
+    quantize_file = blocks_module.quantize_file
+    monkeypatch.setattr(blocks_module, "quantize_file", lambda *args: pytest.fail("quantized again"))
+    again = kvgen.load(path, dtype="float32", quantize="int4").model.lm_head
+    assert torch.equal(again.dequantize(), first.dequantize())
+    store.write_bytes(b"not a safetensors file")  # a broken store is made again, and replaced
+    monkeypatch.setattr(blocks_module, "quantize_file", quantize_file)
+    assert torch.equal(kvgen.load(path, dtype="float32", quantize="int4").model.lm_head.dequantize(), first.dequantize())
     assert store.stat().st_size > 100
 
 
-def test_gguf_blocks_refuse_what_cannot_use_them(sources, cache, tmp_path, capsys):
-    src = sources("llama")
-    with pytest.raises(ValueError, match="gguf_blocks needs a GGUF file"):
-        kvgen.load(src, dtype="float32", gguf_blocks=True)
-    path = write_gguf(src, tmp_path / "m.gguf", Q.Q8_0)
-    with pytest.raises(ValueError, match="choose one"):
-        kvgen.load(path, dtype="float32", gguf_blocks=True, screen_head=True)
-    capsys.readouterr()
-    assert main(["generate", "-m", str(path), "--gguf-blocks", "hi"]) == 2
-    err = capsys.readouterr().err
-    assert "--gguf-blocks are read by compiled steps only" in err and err.count("\n") == 1, err
+def test_quality_command_reports_the_divergence(sources, cache, tmp_path, capsys):
+    """`kvgen quality`: the float32 reference against itself in bfloat16 over the same GGUF; the
+    figures are checked against ones computed here."""
+    from kvgen.quality import measure
 
-
-# --- the real model: Gemma 3 270M, Q4_K_M --------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def gemma270m_reference(gemma270m):
-    """transformers' own tokenizer and config from the same GGUF (~30 s: it parses the file twice)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    path, _ = gemma270m
-    return (
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
-        AutoConfig.from_pretrained(path.parent, gguf_file=path.name),
-    )
-
-
-REAL_TEXTS = TEXTS + [
-    "Hello world",
-    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
-    "def f(x):\n    return x ** 2  # squares\n\n\n",
-    "   multiple   spaces\tand\ttabs\r\nCRLF",
-    "Привет, мир! Γειά σου Κόσμε! مرحبا بالعالم 😀👍🏽",
-    "<bos><eos><pad><unk><mask> special tokens typed in",
-]
-
-
-def test_real_tokenizer_encodes_like_transformers(gemma270m, gemma270m_reference):
-    from transformers import AutoTokenizer
-
-    _, folder = gemma270m
-    reference, _ = gemma270m_reference
-    ours = AutoTokenizer.from_pretrained(folder)
-    assert len(ours) == len(reference) == 262144
-    for text in REAL_TEXTS:
-        ids = ours(text).input_ids
-        assert ids == reference(text).input_ids, text
-        assert ours.decode(ids) == reference.decode(ids)
-        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
-    assert ours("Hello").input_ids[0] == ours.bos_token_id == 2  # the file says add_bos_token
-    assert ours.all_special_ids == reference.all_special_ids
-
-
-def as_float32(value):
-    if isinstance(value, float):
-        return np.float32(value)
-    if isinstance(value, dict):
-        return {k: as_float32(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [as_float32(v) for v in value]
-    return value
-
-
-def test_real_config_matches_transformers(gemma270m, gemma270m_reference):
-    from transformers import AutoConfig
-
-    _, folder = gemma270m
-    _, reference = gemma270m_reference
-    ours, theirs = AutoConfig.from_pretrained(folder).to_dict(), reference.to_dict()
-    # where it was loaded from; the class and dtype transformers leaves unset; the unknown-token id,
-    # which transformers copies from the tokenizer metadata and no Gemma config carries
-    ignore = {"_name_or_path", "_model_name_or_path", "architectures", "dtype", "unk_token_id"}
-    assert set(ours) - ignore == set(theirs) - ignore
-    for key in set(ours) - ignore:  # float32 metadata: kvgen writes 1e-06 where transformers has 9.99999997e-07
-        assert as_float32(ours[key]) == as_float32(theirs[key]), key
-    assert ours["architectures"] == ["Gemma3ForCausalLM"]
-
-
-def test_real_weights_match_an_independent_dequantiser(gemma270m):
-    """A tensor of each stored type, dequantised by transformers' torch code (Q5_0: ggml's formula)."""
-    from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
-
-    from kvgen.loading.gguf import GGUFFile
-
-    path, folder = gemma270m
-    tensors = GGUFFile(path).tensors  # raw blocks, read by gguf
-    cases = {
-        "token_embd.weight": "model.embed_tokens.weight",
-        "blk.5.post_ffw_norm.weight": "model.layers.5.post_feedforward_layernorm.weight",
-    }
-    leaves = {
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-    }
-    found = {tensors[name].tensor_type.name for name in cases}
-    for layer in range(18):  # the first weight of each remaining type: Q4_K_M mixes several
-        for leaf, hf_leaf in leaves.items():
-            name = f"blk.{layer}.{leaf}.weight"
-            if tensors[name].tensor_type.name not in found:
-                found.add(tensors[name].tensor_type.name)
-                cases[name] = f"model.layers.{layer}.{hf_leaf}.weight"
-    assert found == {"Q8_0", "Q4_K", "Q6_K", "Q5_0", "F32"}
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
-        for gguf_name, hf_name in cases.items():
-            t = tensors[gguf_name]
-            got = f.get_tensor(hf_name)
-            raw = np.array(t.data)
-            if t.tensor_type == Q.F32:
-                want = torch.from_numpy(raw) - 1  # llama.cpp stores Gemma's norm scale as 1 + w
-            elif t.tensor_type == Q.Q5_0:
-                want = torch.from_numpy(reference_q5(raw.reshape(-1, 22), with_min=False))
-            else:
-                want = torch_dequantize(torch.from_numpy(raw.reshape(-1)), int(t.tensor_type))
-            assert torch.allclose(got, want.float().reshape(got.shape), rtol=1e-6, atol=1e-7), gguf_name
-
-
-def test_real_model_reads_english(gemma270m, monkeypatch):
-    """Loaded through the cache (no second conversion), the model predicts plain text well: a wrong
-    norm offset or head layout puts the loss near log(262144) = 12.5 nats."""
-    path, folder = gemma270m
-    monkeypatch.setenv("KVGEN_CACHE", str(folder.parent))
-    monkeypatch.setattr(convert_module, "GGUFFile", None)  # any conversion would fail
-    lm = kvgen.load(path, dtype="float32")
-    assert lm.path == folder
-    ids = lm.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of France, Berlin of Germany.")
-    logits = native_logits(lm, ids)
-    loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
-    assert loss < 3.5, f"mean next-token loss {loss:.2f} nats"
+    path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf", Q.Q8_0)
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 20)
+    out = tmp_path / "q.json"
+    assert main(["quality", str(text), "-m", str(path), "--dtype", "bfloat16", "--tokens", "200", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert "mean KLD" in printed and f"{figures['mean_kld']:.5f}" in printed
+    reference = kvgen.load(path, dtype="float32", quantize="none")
+    ids = reference.encode(text.read_text())[:200]
+    again = measure(reference.model, kvgen.load(path, dtype="bfloat16").model, ids)
+    assert figures["tokens"] == again.tokens == 199
+    assert figures["mean_kld"] == pytest.approx(again.mean_kld, rel=1e-6) and 0 < again.mean_kld < 0.05
+    assert figures["reference_perplexity"] == pytest.approx(again.reference_perplexity, rel=1e-9)
+    assert measure(reference.model, reference.model, ids).mean_kld == 0  # the same model: no divergence
+    assert main(["quality", str(text), "-m", str(path), "--dtype", "float32", "--quantize", "none"]) == 2
+    assert "the reference itself" in capsys.readouterr().err

@@ -19,8 +19,7 @@ from torch.utils._pytree import tree_leaves
 import kvgen
 from kvgen import graphs
 from kvgen.cache import make_cache
-from kvgen.generate import decode_compiled, decode_one, generate_tokens, prefill
-from kvgen.loading.dtype import packing_pays
+from kvgen.generate import decode_one, generate_tokens, prefill
 from kvgen.models import layers
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen3
 
@@ -120,13 +119,13 @@ def greedy(lm, cache_kind: str, **options) -> list[list[int]]:
 
 
 def test_replayed_steps_give_the_eager_tokens(lm, recorded_graphs):
-    eager = greedy(lm, "static", cuda_graph=False)
+    eager = greedy(lm, "static")  # the loop's own plain decode
     assert not recorded_graphs
-    assert greedy(lm, "static") == eager
+    assert greedy(lm, "static", decoder=lm.runner.decoder) == eager
     (graph,) = recorded_graphs
     assert graph.replays == N - 2  # step 1 warm-up (eager), step 2 recorded, every later one replayed
     assert len({tuple(row) for row in eager}) > 1 and all(len(set(row)) > 2 for row in eager)  # not degenerate
-    assert greedy(lm, "dynamic") == greedy(lm, "dynamic", cuda_graph=False)  # never recorded: it grows
+    assert greedy(lm, "dynamic", decoder=lm.runner.decoder) == greedy(lm, "dynamic")  # never recorded: it grows
     assert len(recorded_graphs) == 1
 
 
@@ -145,10 +144,10 @@ def test_a_step_that_reads_a_changing_python_number_drifts(lm, recorded_graphs, 
         self.python_index += 1  # runs while recording, never in a replay
         self.written.add_(1)
 
-    eager = greedy(lm, "static", cuda_graph=False)
+    eager = greedy(lm, "static")
     monkeypatch.setattr(StaticLayerCache, "_write", write_at_python_index)
-    assert greedy(lm, "static", cuda_graph=False) == eager
-    assert greedy(lm, "static") != eager
+    assert greedy(lm, "static") == eager
+    assert greedy(lm, "static", decoder=lm.runner.decoder) != eager
 
 
 def test_decode_step_has_no_host_sync(lm, as_on_a_gpu):
@@ -160,65 +159,3 @@ def test_decode_step_has_no_host_sync(lm, as_on_a_gpu):
     with graph.record():
         logits = decode_one(lm.model, torch.tensor([8]), torch.tensor([3]), cache)
     assert logits.shape == (1, lm.model.lm_head.out_features) and graph.calls
-
-
-def test_compiled_step_gives_the_eager_tokens(lm, monkeypatch):
-    """The same property serves torch.compile: a step over the static cache compiles once and is
-    then reused at every step (a recompile per step would show as a second entry per shape). Its
-    first step also merges the model's packed weights into 2 MB pages, once."""
-    from torch._dynamo.utils import counters
-
-    merged = []
-    monkeypatch.setattr(kvgen.fast, "merge_huge_pages", merged.append)
-    eager = greedy(lm, "static")
-    graphs_before = counters["stats"]["unique_graphs"]
-    assert greedy(lm, "static", compile_step=True) == eager
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1
-    assert greedy(lm, "static", compile_step=True) == eager  # the same shapes: nothing compiles again
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1
-    packed = [b for b in lm.model.buffers() if b.is_mkldnn]
-    assert len(merged) == 1 and len(merged[0]) == len(packed) and all(a is b for a, b in zip(merged[0], packed))
-    assert greedy(lm, "dynamic") == eager
-    with pytest.raises(ValueError, match="compile_step needs the static cache"):
-        greedy(lm, "dynamic", compile_step=True)
-
-
-def test_compiled_one_row_step_streams_plain_weights(lm):
-    """A compiled step of one row drops the packed copies (`fast.unpack`) and multiplies by the plain
-    rows in the compiler's own loops (`fast.linear`): no matrix-product call is left in the step,
-    and the tokens are the eager ones, alone and in a batch, before and after. (It changes `lm`: last.)"""
-    prompt = [lm.encode(PROMPTS[1])]
-    alone = list(generate_tokens(lm.model, prompt, N, cache_kind="static"))
-    batch = greedy(lm, "static")
-    assert list(generate_tokens(lm.model, prompt, N, cache_kind="static", compile_step=True)) == alone
-    assert not any(b.is_mkldnn for b in lm.model.buffers())
-    assert all(m.weight.is_contiguous() for m in lm.model.modules() if isinstance(m, kvgen.fast.FastLinear))
-    cache = make_cache("static", lm.model.cache_layout(), 1, 256, torch.float32)
-    prefill(lm.model, torch.tensor(prompt), torch.arange(len(prompt[0]))[None], cache)
-    with torch.profiler.profile() as profile:
-        decode_compiled(lm.model, alone[0], torch.tensor([len(prompt[0])]), cache)
-    assert not {e.key for e in profile.key_averages()} & {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"}
-    assert greedy(lm, "static") == batch
-    assert greedy(lm, "static", compile_step=True) == batch
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3-sliding"])
-def test_compiled_one_row_step_in_bfloat16_computes_the_eager_logits(family, tmp_path):
-    """In bfloat16 the plain rows' sums are rounded once, as oneDNN's are: fed the same tokens, the
-    compiled step's logits are the eager step's within a unit in the last place of bfloat16.
-    (Tokens alone would not show it: a random checkpoint's bfloat16 logits tie now and then, and
-    another order of additions may break a tie the other way.)"""
-    build, config = BUILDERS[family]
-    lm = kvgen.load(build(tmp_path, **config), dtype="bfloat16")
-    assert any(b.is_mkldnn for b in lm.model.buffers()) == packing_pays(torch.bfloat16)
-    prompt = torch.tensor([lm.encode(PROMPTS[1])])
-    caches = [make_cache("static", lm.model.cache_layout(), 1, 256, torch.bfloat16) for _ in range(2)]
-    for cache in caches:
-        logits = prefill(lm.model, prompt, torch.arange(prompt.shape[1])[None], cache)
-    for position in range(prompt.shape[1], prompt.shape[1] + N):
-        token, where = logits.argmax(-1), torch.tensor([position])
-        logits = decode_one(lm.model, token, where, caches[0])
-        compiled = decode_compiled(lm.model, token, where, caches[1])
-        ulp = torch.finfo(torch.bfloat16).eps * logits.float().abs().clamp(min=1)
-        assert ((compiled.float() - logits.float()).abs() <= ulp).all(), position
-    assert not any(b.is_mkldnn for b in lm.model.buffers())

@@ -207,7 +207,6 @@ MADV_DONTNEED = 4  # drop these pages from this process; a file's stay in the pa
 MADV_HUGEPAGE = 14  # back these pages with 2 MB ones where the kernel can (khugepaged merges them)
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are dropped, nothing is lost
 MADV_POPULATE_READ = 22  # Linux 5.14+: map these pages now, in one call, instead of one fault per page
-MADV_COLLAPSE = 25  # Linux 6.1+: back these pages with 2 MB ones now, copying them
 
 
 def _advise_pages(tensors: list[Tensor], advice: int) -> None:
@@ -270,19 +269,13 @@ def advise_huge_pages(tensors: list[Tensor]) -> None:
     """Ask for the pages of weights that every decode step streams to be 2 MB ones.
 
     A step reads 536 MB of Gemma 3 270M's weights: in 4 kB pages that is 131k translations, each a
-    TLB miss. With its packed weights in 2 MB pages (merged at once with MADV_COLLAPSE, for the
-    test) a step took 34.8-36.2 ms against 36.8-37.2 ms, in 3 of 3 alternating pairs. Merging them
+    TLB miss. With its packed weights in 2 MB pages (merged at once with MADV_COLLAPSE, for a
+    measurement on a 2-core EPYC) a step took 34.8-36.2 ms against 36.8-37.2 ms, in 3 of 3 alternating pairs. Merging them
     at load would cost ~0.9 s, so this only advises it: the kernel's khugepaged merges them in the
     background (here 368 MB of them within 4 minutes), so a long-running process (a server, a chat)
     gets there; where transparent huge pages are off, nothing changes.
     """
     _advise_pages(tensors, MADV_HUGEPAGE)
-
-
-def merge_huge_pages(tensors: list[Tensor]) -> None:
-    """Back these tensors' pages with 2 MB ones now rather than when khugepaged gets to them: ~0.9 s
-    for Gemma 3 270M's packed weights (370 MB of them merge), worth it only ahead of many steps."""
-    _advise_pages(tensors, MADV_COLLAPSE)
 
 
 def populate_file_pages(tensors: list[Tensor]) -> None:

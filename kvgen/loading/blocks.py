@@ -1,17 +1,11 @@
-"""A GGUF's quantized weights as the compiled decode step reads them: int8 values with a float32
-scale, and for some types an offset, per group of 16 or 32 columns (`Blocks`).
+"""A GGUF's quantized weights as kvgen keeps them in memory: `kvgen.quant.QuantLinear`s.
 
-kvgen dequantizes a GGUF once, into float32 or bfloat16, and every eager step streams those
-weights. llama.cpp streams the file's own blocks instead: 4.5 to 8.5 bits a weight in Gemma 3
-270M's Q4_K_M file, against bfloat16's 16. The blocks here hold the same values in the form a
-compiled step streams fastest (`kvgen.fast.linear`): q · scale - offset is what
-`gguf.quants.dequantize` computes, operation for operation, so a product over them equals the
-float32 product over the dequantized weights up to the order of its additions.
-
-Why int8 and not the file's 4- and 5-bit fields as they are: inductor turns a multiply-and-sum
-over int8 rows with a scale per group into a vectorized loop (Gemma 3 270M's 262k-row LM head in
-7.0 ms, against 10.4 ms for its bfloat16 rows), but not one that unpacks nibbles (the layers'
-products in 25 ms, against 5.8 ms from int8). Measured on a 2-core EPYC.
+Each type's blocks are first decoded to int8 values q with a float32 scale, and for some types an
+offset, per group of 16 or 32 columns, following gguf.quants' dequantize_blocks: w = q * scale -
+offset. Every type with groups of 32 then keeps its values exactly as int4 groups, 5- to 8-bit
+ones as two int4 terms (`kvgen.quant`); Q6_K is re-quantized to 8 bits in groups of 32. Decoding
+a file takes seconds (numpy, and GGUF metadata with a 262k-token vocabulary), so the result is
+kept in the kvgen cache, like a conversion.
 """
 
 from __future__ import annotations
@@ -21,56 +15,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from ..quant import GROUP, QuantLinear, fits_int4, int4_available
 
 # A decoder: (n, bytes per block) uint8 -> q (n, values per block) int8, scale (n, groups) and
 # offset (n, groups) or None, float32. Each one follows gguf.quants' dequantize_blocks.
 Decoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
-
-
-class Blocks(nn.Module):
-    """A weight (out, in) as w = q · scale - offset, with one scale and offset per `group` columns.
-
-    `q` is int8 (out, in); `scale` and `offset` are float32 (out, in / group); no offset means 0.
-    The tensors are buffers never saved: a checkpoint keeps its own weights.
-    """
-
-    def __init__(self, q: Tensor, scale: Tensor, offset: Tensor | None) -> None:
-        super().__init__()
-        self.group = q.shape[1] // scale.shape[1]
-        self.register_buffer("q", q, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("offset", offset, persistent=False)
-
-    def weight(self) -> Tensor:
-        """The float32 weight these blocks hold."""
-        w = self.q.float() * self.scale.repeat_interleave(self.group, dim=1)
-        return w if self.offset is None else w - self.offset.repeat_interleave(self.group, dim=1)
-
-    def product(self, x: Tensor) -> Tensor:
-        """x (..., in) times the weight's transpose, summed in float32 -> (..., out) float32.
-
-        Written as one multiply-and-sum over each row, the scale indexed per column: inductor
-        makes of it a single vectorized loop over the int8 rows (a sum per group first, then one
-        over the groups, is two loops and ran 4x slower)."""
-        return (x[..., None, :].float() * self.weight()).sum(-1)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
-
-    @staticmethod
-    def join(parts: list[Blocks | None]) -> Blocks | None:
-        """The blocks of weights stacked by rows (a fused projection's), or None if one has none."""
-        if not parts or any(p is None for p in parts):
-            return None
-        group = min(p.group for p in parts)  # a larger group's scales repeat exactly into smaller ones
-        scales = [p.scale.repeat_interleave(p.group // group, dim=1) for p in parts]
-        offset = None
-        if any(p.offset is not None for p in parts):
-            offsets = [p.offset if p.offset is not None else torch.zeros_like(p.scale) for p in parts]
-            offset = torch.cat([o.repeat_interleave(p.group // group, dim=1) for o, p in zip(offsets, parts)])
-        return Blocks(torch.cat([p.q for p in parts]), torch.cat(scales), offset)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -154,79 +105,84 @@ DECODERS: dict[str, Decoder] = {
 }
 
 
-def decode(type_name: str, data: np.ndarray, rows: int) -> Blocks:
-    """A GGUF tensor's raw bytes (`rows` rows of whole blocks) of type `type_name` -> its Blocks."""
+def decode(type_name: str, data: np.ndarray, rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A GGUF tensor's raw bytes (`rows` rows of whole blocks) -> q (rows, K), scale and offset (rows, groups)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][1]
     q, scale, offset = DECODERS[type_name](np.asarray(data).reshape(-1, block_bytes))
     as_rows = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
-    return Blocks(as_rows(q), as_rows(scale), None if offset is None else as_rows(offset))
+    return as_rows(q), as_rows(scale), None if offset is None else as_rows(offset)
 
 
-STORE_VERSION = 1  # bump when what `decode` writes changes, so old stores are decoded again
+def dequantize(q: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+    """The float32 (rows, K) weight that `decode`'s parts hold."""
+    group = q.shape[1] // scale.shape[1]
+    w = q.float() * scale.repeat_interleave(group, dim=1)
+    return w if offset is None else w - offset.repeat_interleave(group, dim=1)
 
 
-def store_path(path: Path) -> Path:
-    """Where the decoded blocks of the GGUF at `path` are kept: the kvgen cache, by the file's content."""
+def to_quant(type_name: str, data: np.ndarray, shape: tuple[int, int], dtype: torch.dtype, fix=None) -> QuantLinear:
+    """One GGUF weight of `shape` -> a QuantLinear computing in `dtype`. Types with groups of 32
+    (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0) keep their values exactly, as one int4 term (4-bit)
+    or two (5- to 8-bit); Q6_K's groups of 16 are re-quantized to 8 bits in groups of 32; a shape
+    the int4 layout cannot hold becomes int8 rows. `fix` reorders rows (Llama's q and k)."""
+    fix = fix or (lambda t: t)
+    q, scale, offset = decode(type_name, data, shape[0])
+    if not fits_int4(*shape):
+        return QuantLinear.quantize(fix(dequantize(q, scale, offset)), "int8", dtype)
+    if q.shape[1] // scale.shape[1] != GROUP:
+        return QuantLinear.quantize(fix(dequantize(q, scale, offset)), "int4", dtype, bits=8)
+    low = int(q.min())
+    zero = low * scale - (0 if offset is None else offset)  # w = q * scale - offset = (q - low) * scale + zero
+    return QuantLinear.groups(fix(q.to(torch.int16) - low), fix(scale), fix(zero), dtype)
+
+
+STORE_VERSION = 4  # bump when what `quantize_file` writes changes, so old stores are made again
+
+
+def store_path(path: Path, dtype: torch.dtype) -> Path:
+    """Where the quantized weights of the GGUF at `path` are kept: the kvgen cache, by the file's content."""
     from .convert import cache_root, content_key
 
-    return cache_root() / "gguf-blocks" / f"{content_key(path)}-v{STORE_VERSION}.safetensors"
+    layout = "int4" if int4_available() else "int8"
+    name = f"{content_key(path)}-{str(dtype).removeprefix('torch.')}-{layout}-v{STORE_VERSION}.safetensors"
+    return cache_root() / "quantized" / name
 
 
-def decode_file(path: Path) -> dict[str, Tensor]:
-    """Every weight of the GGUF at `path` stored in a type of `DECODERS` -> "{name}.q", "{name}.scale"
-    and "{name}.offset" tensors, under transformers' names, in the rows the model uses. GPT-2's
-    projections are stored transposed against their products' rows: they are left out."""
+def quantize_file(path: Path, dtype: torch.dtype) -> dict[str, QuantLinear]:
+    """Every weight of the GGUF at `path` stored in a type of `DECODERS` -> its QuantLinear, under
+    transformers' names, in the rows the model uses. GPT-2's projections are stored transposed
+    against their products' rows: they are left out (kept as floats)."""
     from gguf import GGMLQuantizationType
 
     from .gguf import GGUFFile, config_from_gguf, tensor_plan
 
-    g = GGUFFile(path)  # reading its metadata takes seconds (a 262k-token vocabulary): hence the store
+    g = GGUFFile(path)
     out = {}
     for item in tensor_plan(g, config_from_gguf(g)):
         type_name = GGMLQuantizationType(item.source.tensor_type).name
         if type_name not in DECODERS or len(item.shape) != 2 or (g.architecture == "gpt2" and item.fix is not None):
             continue
-        blocks = decode(type_name, item.source.data, item.shape[0])
-        for part in ("q", "scale", "offset"):
-            if (t := getattr(blocks, part)) is not None:
-                out[f"{item.name}.{part}"] = item.fix(t) if item.fix is not None else t  # Llama's q/k row order
+        out[item.name] = to_quant(type_name, item.source.data, tuple(item.shape), dtype, item.fix)
     return out
 
 
-def read_blocks(path: Path) -> dict[str, Blocks]:
-    """The GGUF's decodable weights as Blocks, by name: from the store, else decoded (then stored)."""
+def read_quantized(path: Path, dtype: torch.dtype) -> dict[str, QuantLinear]:
+    """The GGUF's quantized weights by name: from the store (memory-mapped), else made (then stored)."""
     from safetensors.torch import load_file
 
     from . import save_tensors
 
-    store = store_path(path)
+    store = store_path(path, dtype)
     try:
         tensors = load_file(store)
-    except Exception:  # missing, or unreadable: decoded again
-        tensors = decode_file(path)
-        save_tensors(store, tensors)  # a store we cannot write only means decoding again next time
-    names = {key.rsplit(".", 1)[0] for key in tensors}
-    return {n: Blocks(tensors[f"{n}.q"], tensors[f"{n}.scale"], tensors.get(f"{n}.offset")) for n in names}
-
-
-def attach_blocks(model: nn.Module, path: Path) -> int:
-    """Give each `nn.Linear` of `model` (loaded from the GGUF at `path`) whose weight the file stores
-    in a type of `DECODERS` its `blocks`; a tied LM head gets the embedding's. Returns how many."""
-
-    def where(t: Tensor) -> tuple:  # a tied head is another Parameter over the embedding's memory
-        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
-
-    by_weight: dict[tuple, list[nn.Linear]] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            by_weight.setdefault(where(module.weight), []).append(module)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    attached = 0
-    for name, blocks in read_blocks(path).items():
-        for linear in by_weight.get(where(params[name]), []) if name in params else []:
-            if tuple(linear.weight.shape) == tuple(blocks.q.shape):
-                linear.blocks = blocks
-                attached += 1
-    return attached
+    except Exception:  # missing, or unreadable: made again
+        made = quantize_file(path, dtype)
+        save_tensors(store, {f"{name}.{k}": t for name, m in made.items() for k, t in m.state_dict().items()})
+        return made  # a store we cannot write only means quantizing again next time
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        name, part = key.rsplit(".", 1)
+        parts.setdefault(name, {})[part] = t
+    return {name: QuantLinear("int4" if "packed" in p else "int8", p) for name, p in parts.items()}

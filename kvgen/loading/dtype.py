@@ -20,18 +20,25 @@ import torch.nn.functional as F
 ROWS, COLS = 4096, 4096
 
 
-def _seconds_per_matvec(dtype: torch.dtype, packed: bool = False, repeats: int = 5) -> float:
-    """Best time of one (1, COLS) x (COLS, ROWS) product: through `F.linear`, or `packed` through
-    oneDNN's prepacked kernel (the fast path's, `kvgen.fast`)."""
+def _seconds_per_matvec(dtype: torch.dtype, kernel: str = "", repeats: int = 5) -> float:
+    """Best time of one (1, COLS) x (COLS, ROWS) product: through `F.linear`; "_packed" through
+    oneDNN's prepacked kernel (`kvgen.fast`); "_int4" or "_int8" through torch's weight-only
+    kernels over quantized weights (`kvgen.quant`)."""
     from ..fast import pack, packed_linear
+    from ..quant import QuantLinear
 
     weight = torch.randn(ROWS, COLS).to(dtype)
     x = torch.randn(1, COLS).to(dtype)
-    if packed:
+    if kernel == "_packed":
         weight = pack(weight)
         product = lambda: packed_linear(x, weight, None)  # noqa: E731
+    elif kernel in ("_int4", "_int8"):
+        product = QuantLinear.quantize(weight, kernel[1:])
     else:
         product = lambda: F.linear(x, weight)  # noqa: E731
+    if kernel in ("_int4", "_int8"):
+        quantized = product
+        product = lambda: quantized(x)  # noqa: E731
     product()  # warm-up: kernel selection, page faults
     best = float("inf")
     for _ in range(repeats):
@@ -74,9 +81,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 def kernel_times(cache_dir: Path | None = None) -> dict:
     """This processor's matrix-vector times, measured once and remembered in the kvgen cache:
-    `{"float32_s", "bfloat16_s", "float32_packed_s", "bfloat16_packed_s", "dtype"}` in seconds
-    (the packed ones where torch has oneDNN), and `dtype`, the one that decodes faster."""
+    `{"float32_s", "bfloat16_s", "float32_packed_s", ..., "bfloat16_int4_s", "bfloat16_int8_s"}`
+    in seconds (packed where torch has oneDNN, int4 where it has that kernel), and `dtype`, the
+    float dtype that decodes faster."""
     from ..fast import packing_available
+    from ..quant import int4_available
     from . import save_json
     from .convert import cache_root
 
@@ -86,15 +95,14 @@ def kernel_times(cache_dir: Path | None = None) -> dict:
         known = json.loads(record.read_text())
     except (OSError, ValueError):
         known = {}
-    kernels = ("", "_packed") if packing_available() else ("",)
+    kernels = ("", "_int8", *(("_packed",) if packing_available() else ()), *(("_int4",) if int4_available() else ()))
     wanted = {f"{str(d).removeprefix('torch.')}{kernel}_s" for d in KERNEL_DTYPES for kernel in kernels}
     if not wanted <= known.get(key, {}).keys():  # never measured, or before a kernel was added
         times, best = {}, {}
         for dtype in KERNEL_DTYPES:
             name = str(dtype).removeprefix("torch.")
-            times[f"{name}_s"] = _seconds_per_matvec(dtype)
-            if packing_available():
-                times[f"{name}_packed_s"] = _seconds_per_matvec(dtype, packed=True)
+            for kernel in kernels:
+                times[f"{name}{kernel}_s"] = _seconds_per_matvec(dtype, kernel)
             best[name] = min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
         known[key] = {"dtype": min(best, key=best.get), **times}
         save_json(record, known)  # a record we cannot write only means measuring again next time
@@ -116,6 +124,17 @@ def packing_pays(dtype: torch.dtype, device: torch.device | str = "cpu", cache_d
         return False
     times, name = kernel_times(cache_dir), str(dtype).removeprefix("torch.")
     return times.get(f"{name}_packed_s", float("inf")) < times[f"{name}_s"]
+
+
+def quantized_pays(dtype: torch.dtype, device: torch.device | str = "cpu", cache_dir: Path | None = None) -> bool:
+    """Whether torch's int4 or int8 weight-only kernel streams a weight faster than the best float
+    kernel of `dtype` on this CPU (measured once: on an AVX2-only EPYC they were slower); never on
+    other devices, where torch's quantized kernels want other layouts."""
+    if torch.device(device).type != "cpu" or dtype not in KERNEL_DTYPES:
+        return False
+    times, name = kernel_times(cache_dir), str(dtype).removeprefix("torch.")
+    quantized = min(times.get(f"{name}_int4_s", float("inf")), times[f"{name}_int8_s"])
+    return quantized < min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:

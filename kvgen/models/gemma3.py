@@ -154,9 +154,9 @@ class Gemma3(nn.Module):
         With `all_logits` every position's logits come back, (B, T, vocab). Without a cache the
         call attends only within `tokens`.
         """
-        if cache is None:
-            cache = make_cache("dynamic", self.cache_layout(), *tokens.shape, self.lm_head.weight.dtype)
         x = self.model.embed_tokens(tokens)  # (B, T, C)
+        if cache is None:
+            cache = make_cache("dynamic", self.cache_layout(), *tokens.shape, x.dtype)
         # transformers rounds sqrt(hidden_size) to the weights' dtype first (55.4256 becomes 55.5 in bfloat16).
         x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
         inv_freq = dict(self.rope_freqs.named_buffers())  # per layer type

@@ -85,9 +85,9 @@ class GPT2(nn.Module):
         With `all_logits` every position's logits come back, (B, T, vocab). Without a cache the
         call attends only within `tokens`.
         """
-        if cache is None:
-            cache = make_cache("dynamic", self.cache_layout(), *tokens.shape, self.lm_head.weight.dtype)
         x = self.transformer.wte(tokens) + self.transformer.wpe(positions.clamp(min=0))  # (B, T, C)
+        if cache is None:
+            cache = make_cache("dynamic", self.cache_layout(), *tokens.shape, x.dtype)
         for block, layer_cache in zip(self.transformer.h, cache):
             x = block(x, positions, layer_cache)
         if not all_logits:

@@ -136,9 +136,9 @@ class Llama(nn.Module):
         With `all_logits` every position's logits come back, (B, T, vocab). Without a cache the
         call attends only within `tokens`.
         """
-        if cache is None:
-            cache = make_cache("dynamic", self.cache_layout(), *tokens.shape, self.lm_head.weight.dtype)
         x = self.model.embed_tokens(tokens)  # (B, T, C)
+        if cache is None:
+            cache = make_cache("dynamic", self.cache_layout(), *tokens.shape, x.dtype)
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)  # 2 x (B, 1, T, D): every layer uses the same angles
         for block, layer_cache in zip(self.model.layers, cache):
             x = block(x, positions, rope, self.inv_freq, layer_cache)

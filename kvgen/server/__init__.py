@@ -20,10 +20,10 @@ def serve(
     device: str = "cpu",
     served_model_name: str | None = None,
     prefix_cache_mb: float = 256,
-    screen_head: bool = False,
+    quantize: str = "auto",
 ) -> None:
     """Load `model` and serve it until interrupted. `api_key` (or $KVGEN_API_KEY) guards every /v1 route.
-    `screen_head`: see `kvgen.load` (steps whose rows are all plain greedy use it)."""
+    `quantize`: see `kvgen.load`."""
     import uvicorn
 
     import kvgen
@@ -33,7 +33,7 @@ def serve(
 
     if max_batch < 1 or max_queue < 0 or prefix_cache_mb < 0:
         raise ValueError("--max-batch must be at least 1, --max-queue and --prompt-cache-mb at least 0")
-    lm = kvgen.load(model, dtype=dtype, device=device, screen_head=screen_head)
+    lm = kvgen.load(model, dtype=dtype, device=device, quantize=quantize)
     engine = Engine(lm, max_batch, max_queue, int(prefix_cache_mb * 2**20))
     name = served_model_name or (model if model is not None else "gemma-3-270m")
     app = create_app(engine, name, api_key or os.environ.get("KVGEN_API_KEY") or None)

@@ -24,7 +24,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import screen
 from ..api import LM, _Row
 from ..cache import DynamicLayerCache, RowLayerCache
 from ..generate import decode_one, prefill
@@ -137,17 +136,6 @@ class _Active:
         self.counts = torch.zeros(1, vocab, device=device) if penalties else None  # generated tokens only
 
 
-def _argmax_only(requests: list[EngineRequest]) -> bool:
-    """Whether these requests read nothing of the next logits but their argmax (kvgen.screen)."""
-    return all(
-        r.params.greedy
-        and r.params.repetition_penalty == 1.0
-        and not (r.presence_penalty or r.frequency_penalty)
-        and r.logprobs is None
-        for r in requests
-    )
-
-
 class Engine:
     """Owns the model; runs requests in a continuously refilled batch of at most `max_batch` rows."""
 
@@ -254,8 +242,7 @@ class Engine:
             logits = every[-1:]
             prompt_logprobs = [(None, [])] + self._logprobs(every[:-1], ids[1:], request.logprobs or 0)
         else:
-            with screen.argmax_only(self.model, _argmax_only([request])):
-                logits = prefill(self.model, tokens, positions, layers)  # (1, vocab)
+            logits = prefill(self.model, tokens, positions, layers)  # (1, vocab)
         for row_cache, cache in zip(self.cache, layers):
             row_cache.put(row, cache.keys, cache.values, cache.positions)
         active = _Active(self.lm, request, row, logits.shape[-1], device)
@@ -276,8 +263,7 @@ class Engine:
         for a in busy:
             tokens[a.row], positions[a.row] = a.generated[-1], a.position
         try:
-            with screen.argmax_only(self.model, _argmax_only([a.request for a in busy])):
-                logits = decode_one(self.model, tokens, positions, self.cache)  # (width, vocab)
+            logits = decode_one(self.model, tokens, positions, self.cache)  # (width, vocab)
         except Exception as e:
             log.exception("decode step failed")
             self._fail_all(f"decode failed: {type(e).__name__}: {e}")

@@ -1,0 +1,284 @@
+"""Weights kept 4- or 8-bit in memory, multiplied by torch's own weight-only kernels.
+
+A decode step of one row streams every weight once, so its speed is the weights' bytes. A GGUF's
+4-6-bit blocks dequantized to bfloat16 cost 2-3.5x the file's bytes a token; here they stay small:
+
+- **int4**, torch's tinygemm CPU kernel (`aten._weight_int4pack_mm_for_cpu`): 4-bit values in
+  groups of 32 along a row, each group w = (u - 8) * scale + zero. Q4_0, Q4_1 and Q4_K are exactly
+  this (their groups are 32 wide; zero absorbs their offsets). Wider values in groups of 32 (Q5_0,
+  Q5_1, Q5_K, Q8_0) are two such terms, 16 * scale * (v >> 4) + scale * (v & 15): exact again, and
+  on the CPUs measured the int4 kernel streams these 10 bits a weight faster than the int8 kernel
+  streams 8 (docs/speed.md). Q6_K's groups of 16 are re-quantized to 8 bits in groups of 32.
+- **int8**, `aten._weight_int8pack_mm`: w = q * scale with one scale per row, for a float
+  checkpoint quantized at load (`quantize="int8"`) and for shapes the int4 layout cannot hold.
+
+The kernels compute a row's product the same way however many rows a step has, so one sequence's
+greedy tokens do not depend on its batch. They pay for few rows per weight (decode, a prompt's last
+position); a prompt's many positions instead dequantize a band of weight rows at a time into the
+compute dtype and run the ordinary matrix product, which is 2x faster there. Figures: docs/speed.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GROUP = 32  # values per int4 scale: the 4-bit GGUF types' own group
+BLOCK_ROWS = 64  # rows the CPU int4 layout interleaves: 32 in the low nibbles, the next 32 in the high
+BAND_BYTES = 16 << 20  # a prompt's product dequantizes this many bytes of weights at a time
+KINDS = ("int4", "int8")
+# Up to this many positions per sequence go through the kernels: decode steps, a prompt's last
+# position, speculative verification. The choice depends on a sequence's own positions, never on
+# how many sequences share the step, so a row's result does not depend on its batch.
+KERNEL_POSITIONS = 8
+
+
+def pack_int4(u: Tensor) -> Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8 in the CPU int4 kernel's layout: for each block of 64
+    rows and each column, 32 bytes whose low nibble is row j's value and high nibble row j + 32's."""
+    n, k = u.shape
+    rows = u.to(torch.uint8).view(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(1, 2)  # (N/64, K, 64)
+    half = BLOCK_ROWS // 2
+    return (rows[..., :half] | (rows[..., half:] << 4)).contiguous().view(n, k // 2)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The inverse of `pack_int4`: (N, K/2) uint8 -> (N, K) values 0..15."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(n // BLOCK_ROWS, k, BLOCK_ROWS // 2)
+    return torch.cat([blocks & 15, blocks >> 4], dim=-1).transpose(1, 2).reshape(n, k)
+
+
+@functools.cache
+def int4_available() -> bool:
+    """Whether this torch build has the CPU int4 kernel and packs it as `pack_int4` does (checked on
+    a probe: the layout is the kernel's business, and it could change with a build)."""
+    try:
+        u = torch.randint(0, 16, (2 * BLOCK_ROWS, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    except (AttributeError, RuntimeError):
+        return False
+    return theirs.dtype == torch.uint8 and torch.equal(theirs, pack_int4(u))
+
+
+def fits_int4(out_features: int, in_features: int) -> bool:
+    return out_features % BLOCK_ROWS == 0 and in_features % GROUP == 0 and int4_available()
+
+
+class QuantLinear(nn.Module):
+    """A linear map whose weight is int4 groups of 32 (one or two terms) or int8 rows; see the module doc.
+
+    int4 holds `packed` (terms, N, K/2) uint8 and `scales_zeros` (terms, K/32, N, 2); the weight is
+    the terms' sum, each (u - 8) * scale + zero. int8 holds `q` (N, K) int8 and `scale` (N,).
+    Scales are in the compute dtype, as the kernels require.
+    """
+
+    def __init__(self, kind: str, tensors: dict[str, Tensor], bias: Tensor | None = None) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown quantization {kind!r}; choose one of: {', '.join(KINDS)}")
+        self.kind = kind
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+        if kind == "int4":
+            self.out_features, self.in_features = self.packed.shape[1], self.packed.shape[2] * 2
+        else:
+            self.out_features, self.in_features = self.q.shape
+
+    @classmethod
+    def groups(cls, v: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> QuantLinear:
+        """From (N, K) whole values and (N, K/32) float32 scales and zeros, w = v * scale + zero, each
+        group's values spanning at most 256: one int4 term where every group spans at most 16, else
+        two, 16 * scale * (v >> 4) + scale * (v & 15) (exact: an 8-bit group of 32 as two 4-bit ones)."""
+        groups = v.to(torch.int32).view(v.shape[0], -1, GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        two = int((high - low).max()) > 15
+        top, middle = (255, 136) if two else (15, 8)  # middle: what the terms' "- 8"s add up to, in units of scale
+        # Each group's values shifted so that its zero comes out near 0: the zero is rounded to the
+        # compute dtype as a whole, and a large one (a Q5_0 group's 120 x scale) would lose bits.
+        in_steps = torch.where(scale != 0, zero / scale, 0.0)  # an all-zero block has no scale
+        shift = torch.round(in_steps + middle).clamp(min=-low, max=top - high).to(torch.int32)
+        v = (groups + shift[..., None]).view(v.shape)
+        zero = zero + (middle - shift) * scale
+        split = [(v >> 4, 16 * scale), (v & 15, scale)] if two else [(v, scale)]
+        packed, scales_zeros = [], []
+        for i, (u, s) in enumerate(split):
+            z = zero if i == 0 else torch.zeros_like(s)  # each term is (u - 8) * s + z
+            packed.append(pack_int4(u))
+            scales_zeros.append(torch.stack([s, z], dim=-1).transpose(0, 1).to(dtype))  # (K/32, N, 2)
+        return cls("int4", {"packed": torch.stack(packed), "scales_zeros": torch.stack(scales_zeros).contiguous()})
+
+    @classmethod
+    def int8(cls, q: Tensor, scale: Tensor, dtype: torch.dtype) -> QuantLinear:
+        """From (N, K) int8 values and (N,) scales: w = q * scale."""
+        return cls("int8", {"q": q.to(torch.int8).contiguous(), "scale": scale.to(dtype).contiguous()})
+
+    @classmethod
+    def quantize(cls, weight: Tensor, kind: str, dtype: torch.dtype | None = None, bits: int = 4) -> QuantLinear:
+        """Quantize a float (N, K) weight, computing in `dtype` (default: the weight's): "int4" in
+        groups of 32 by each group's min and max, to `bits` (4, or 8 as two int4 terms); "int8" by
+        each row's largest value."""
+        w, dtype = weight.detach().float(), dtype or weight.dtype
+        if kind == "int8":
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+            return cls.int8(torch.round(w / scale[:, None]).clamp(-127, 127), scale, dtype)
+        levels = 2**bits - 1
+        groups = w.view(w.shape[0], -1, GROUP)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / levels).clamp(min=1e-12)
+        v = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, levels).view_as(w)
+        return cls.groups(v, scale, low, dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.scales_zeros if self.kind == "int4" else self.scale).dtype
+
+    def _int4_values(self, u: Tensor, scales_zeros: Tensor) -> Tensor:
+        """(n, K) values 0..15 of one term with its (K/32, n, 2) scales and zeros -> float32 (n, K)."""
+        scale, zero = scales_zeros.float().permute(2, 1, 0)  # (n, K/32) each
+        u = u.view(len(u), -1, GROUP).float()
+        return ((u - 8) * scale[..., None] + zero[..., None]).view(len(u), -1)
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows start:stop of the weight in the compute dtype (int4 bands start at multiples of 64)."""
+        stop = self.out_features if stop is None else stop
+        if self.kind == "int8":
+            return self.q[start:stop].to(self.dtype) * self.scale[start:stop, None]
+        terms = zip(self.packed[:, start:stop], self.scales_zeros[:, :, start:stop])
+        return sum(self._int4_values(unpack_int4(p), sz) for p, sz in terms).to(self.dtype)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """The weight's rows `ids` (any shape) -> (*ids.shape, K): an embedding lookup."""
+        flat = ids.reshape(-1)
+        if self.kind == "int8":
+            out = self.q[flat].to(self.dtype) * self.scale[flat, None]
+        else:
+            half = BLOCK_ROWS // 2
+            high = (flat % BLOCK_ROWS >= half)[:, None]
+            out = 0
+            for packed, scales_zeros in zip(self.packed, self.scales_zeros):
+                bytes_ = packed.view(-1, self.in_features, half)[flat // BLOCK_ROWS, :, flat % half]  # (n, K)
+                out = out + self._int4_values(torch.where(high, bytes_ >> 4, bytes_ & 15), scales_zeros[:, flat])
+            out = out.to(self.dtype)
+        return out.view(*ids.shape, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() > 2 and x.shape[-2] > KERNEL_POSITIONS:  # a prompt: many positions per sequence
+            return self.banded(x)
+        flat = x.reshape(-1, self.in_features)
+        if self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed[0], GROUP, self.scales_zeros[0])
+            for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:]):
+                y = y + torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def banded(self, x: Tensor) -> Tensor:
+        """x times the weight for many rows: a band of dequantized rows at a time, then `F.linear`."""
+        band = max(BLOCK_ROWS, BAND_BYTES // (self.in_features * 4) // BLOCK_ROWS * BLOCK_ROWS)
+        parts = [
+            F.linear(x, self.dequantize(start, min(start + band, self.out_features)))
+            for start in range(0, self.out_features, band)
+        ]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y if self.bias is None else y + self.bias
+
+    # The tensors that hold rows, and the dimension their rows run along.
+    ROW_DIMS = {"int4": {"packed": 1, "scales_zeros": 2}, "int8": {"q": 0, "scale": 0}}
+
+    @staticmethod
+    def join(parts: list[QuantLinear]) -> QuantLinear | None:
+        """Maps of one input stacked by rows (q, k and v): one product, the parts left as views of
+        its tensors (one copy in memory); None where their formats differ."""
+        first = parts[0]
+        if any(
+            p.kind != first.kind
+            or p.dtype != first.dtype
+            or (p.bias is None) != (first.bias is None)
+            or (p.kind == "int4" and len(p.packed) != len(first.packed))
+            for p in parts
+        ):
+            return None
+        sizes = [p.out_features for p in parts]
+        row_dims = {**QuantLinear.ROW_DIMS[first.kind], **({"bias": 0} if first.bias is not None else {})}
+        joined = {}
+        for name, dim in row_dims.items():
+            joined[name] = torch.cat([getattr(p, name) for p in parts], dim=dim)
+            for p, view in zip(parts, joined[name].split(sizes, dim=dim)):
+                setattr(p, name, view)
+        bias = joined.pop("bias", None)
+        return QuantLinear(first.kind, joined, bias)
+
+    def extra_repr(self) -> str:
+        form = f"int4 x{len(self.packed)}" if self.kind == "int4" else "int8"
+        return f"{self.in_features}, {self.out_features}, {form}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table read from a `QuantLinear`'s rows: a tied head and its table share one copy."""
+
+    def __init__(self, table: QuantLinear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table.rows(ids)
+
+
+class Split(nn.Module):
+    """Several maps of one input (q, k, v; gate, up) as one product -> a tuple of their outputs."""
+
+    def __init__(self, joined: nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.joined, self.sizes = joined, sizes
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.joined(x).split(self.sizes, dim=-1)
+
+
+def _place(t: Tensor) -> tuple:
+    """Where a tensor's values live: a tied head is another Parameter over the embedding's memory."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+
+def swap_in(model: nn.Module, quantized: dict[str, QuantLinear]) -> int:
+    """Replace each `nn.Linear` and `nn.Embedding` of `model` whose weight is the parameter named in
+    `quantized` (or shares its memory: a tied head) with that QuantLinear (or a QuantEmbedding of
+    it), in place; a linear's bias carries over. Returns how many modules were replaced. The float
+    weights they held are no longer referenced (memory-mapped, never read: never resident)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_place = {
+        _place(params[name]): q
+        for name, q in quantized.items()
+        if name in params and tuple(params[name].shape) == (q.out_features, q.in_features)
+    }
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, (nn.Linear, nn.Embedding)) or (q := by_place.get(_place(child.weight))) is None:
+                continue
+            if isinstance(child, nn.Embedding):
+                setattr(module, name, QuantEmbedding(q))
+            else:
+                if child.bias is not None:
+                    q.bias = child.bias.detach().to(q.dtype)
+                setattr(module, name, q)
+            swapped += 1
+    return swapped
+
+
+def quantize_linears(model: nn.Module, kind: str) -> dict[str, QuantLinear]:
+    """A float model's linear weights (a tied head's embedding included) quantized to `kind`; int4
+    where the shape fits its groups, else int8. By parameter name, for `swap_in`."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.weight.is_floating_point():
+            fits = kind == "int8" or fits_int4(module.out_features, module.in_features)
+            out[f"{name}.weight"] = QuantLinear.quantize(module.weight, kind if fits else "int8")
+    return out

@@ -1,0 +1,73 @@
+"""How a loaded model runs, chosen once at load; the generation loop never knows.
+
+`prepare` settles the weights' format: a GGUF's quantized matrices stay 4-8-bit on torch's
+weight-only kernels (`kvgen.quant`) where this machine runs those faster than float ones (measured
+once per processor, `kvgen.loading.dtype`); a float checkpoint can be quantized the same way; then
+sibling projections are fused and float weights prepacked where that pays (`kvgen.fast`). The
+`Runner` it returns hands the loop its decode step (`generate.generate_tokens(..., decoder=...)`):
+on a GPU with the static cache, one recorded as a CUDA graph and replayed (`kvgen.graphs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import fast, graphs
+from .cache import LayerCache
+from .generate import Decode, plain_decoder
+from .loading import return_freed_memory
+from .loading.dtype import packing_pays, quantized_pays
+from .quant import KINDS, quantize_linears, swap_in
+
+QUANTIZE = ("auto", "none", *KINDS)
+
+
+class Runner:
+    """Builds a model's decode step for the loop: plain, or replayed as a CUDA graph."""
+
+    def __init__(self, quantized: str | None = None) -> None:
+        self.quantized = quantized  # "gguf", "int4", "int8" or None: what the weights are
+
+    def decoder(self, model: nn.Module, cache: list[LayerCache], batch: int) -> Decode:
+        """The decode step over `cache` for `batch` rows, as `generate.generate_tokens` calls it."""
+        decode = plain_decoder(model, cache, batch)
+        device = next(model.parameters()).device
+        if graphs.can_record(cache, device):
+            return graphs.GraphDecoder(decode, batch, device, graph=graphs.CudaGraph)
+        return decode
+
+
+def check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of: {', '.join(QUANTIZE)}")
+
+
+def prepare(model: nn.Module, source: Path | None, dtype: torch.dtype, device: torch.device | str, quantize: str) -> Runner:
+    """Give a freshly loaded float model its fast weights, in place, and return its runner.
+
+    `source` is the GGUF it came from, if any. `quantize`: "auto" keeps a GGUF's quantized weights
+    quantized where this machine's kernels pay; "int4" or "int8" quantizes (a float checkpoint's
+    weights; a GGUF's blocks are what they are); "none" is the float reference path: plain
+    modules, the dequantized weights, nothing fused or packed.
+    """
+    check_quantize(quantize)
+    if quantize == "none":
+        return Runner()
+    quantized = None
+    on_cpu = torch.device(device).type == "cpu"
+    if quantize in KINDS and not on_cpu:
+        raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
+    if source is not None and on_cpu and (quantize in KINDS or quantized_pays(dtype, device)):
+        from .loading.blocks import read_quantized
+
+        swap_in(model, read_quantized(source, dtype))
+        quantized = "gguf"
+    elif source is None and quantize in KINDS:
+        swap_in(model, quantize_linears(model, quantize))
+        quantized = quantize
+    fast.speed_up(model, pack_weights=packing_pays(dtype, device))
+    return_freed_memory()  # the scratch copies that fusing and packing freed
+    return Runner(quantized)
