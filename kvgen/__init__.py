@@ -18,6 +18,7 @@ from .loading import default_model, load_native, read_config, resolve_model, ret
 from .loading.dtype import resolve_dtype
 from .loading.gguf import is_gguf
 from .loading.tokenizer import load_tokenizer
+from .quant import KINDS
 from .runner import check_quantize, prepare
 from .sampling import SamplingParams
 
@@ -48,8 +49,8 @@ def load(
     file or a hub id already in the local Hugging Face cache. Without `model`, the embedded
     default: Gemma 3 270M (base, Q4_K_M GGUF).
 
-    `dtype="auto"` computes in whichever of float32 and bfloat16 runs faster on this machine
-    (measured once per processor; bfloat16 on a GPU).
+    `dtype="auto"` computes in whichever of float32 and bfloat16 runs faster on this machine, for
+    the weights' kernels (measured once per processor; bfloat16 on a GPU).
 
     `quantize` (native backend) chooses the weights: "auto" keeps a GGUF's 4-8-bit weights as
     they are in memory, on torch's int4/int8 kernels (`kvgen.quant`), wherever this CPU runs those
@@ -62,8 +63,9 @@ def load(
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     check_quantize(quantize)
     start = time.perf_counter()
-    dtype = resolve_dtype(dtype, device)
     source = default_model() if model is None else model
+    quantized = backend == "native" and (quantize in KINDS or (quantize == "auto" and is_gguf(source)))
+    dtype = resolve_dtype(dtype, device, quantized)
     folder = resolve_model(source, dtype)  # first: a missing model is its own error
     try:
         tokenizer = load_tokenizer(folder)

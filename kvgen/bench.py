@@ -595,7 +595,7 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_output(args.plot, ".png")
     source = Path(args.model).expanduser() if args.model else default_model()
     gguf = is_gguf(source)
-    dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
+    dtype = str(resolve_dtype(args.dtype, quantized=gguf)).removeprefix("torch.")  # as kvgen.load chooses it
     folder, load_note = _model_folder(source, dtype, gguf)
     _check_fits(folder, dtype, args.prompt_tokens, args.new_tokens)
     systems = ["kvgen", *(["kvgen-reference"] if args.reference else []), *args.against]

@@ -457,7 +457,10 @@ def cmd_quality(args: argparse.Namespace) -> int:
     fast = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     ids = reference.encode(text)[: args.tokens]
     quality = measure(reference.model, fast.model, ids)
-    label = f"kvgen {fast.dtype}".replace("torch.", "") + (f", {fast.runner.quantized} weights" if fast.runner.quantized else "")
+    weights = {"gguf": "GGUF int4/int8", None: "float weights"}.get(
+        fast.runner.quantized, f"{fast.runner.quantized} weights"
+    )
+    label = f"kvgen, {str(fast.dtype).removeprefix('torch.')}, {weights}"
     table = Table(title=f"{quality.tokens} positions against float32 (quantize none)")
     for column in ("path", "mean KLD", "p99 KLD", "top-1 agreement", "perplexity"):
         table.add_column(column, justify="left" if column == "path" else "right")
@@ -465,7 +468,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     table.add_row(
         label, f"{quality.mean_kld:.5f}", f"{quality.p99_kld:.4f}", f"{quality.top1_agreement:.1%}", f"{quality.perplexity:.3f}"
     )
-    Console(highlight=False).print(table)
+    Console(highlight=False, width=max(110, Console().width)).print(table)
     if args.json:
         write_atomic(args.json, json.dumps({"path": label, **quality.as_dict()}, indent=2).encode())
     return 0
@@ -529,7 +532,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .loading.convert import convert_gguf
     from .loading.dtype import resolve_dtype
 
-    print(convert_gguf(args.src, resolve_dtype(args.dtype)))
+    print(convert_gguf(args.src, resolve_dtype(args.dtype, quantized=True)))  # the dtype a load of it uses
     return 0
 
 

@@ -137,19 +137,25 @@ class QuantLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return (self.scales_zeros if self.kind == "int4" else self.scale).dtype
 
-    def _int4_values(self, u: Tensor, scales_zeros: Tensor) -> Tensor:
-        """(n, K) values 0..15 of one term with its (K/32, n, 2) scales and zeros -> float32 (n, K)."""
-        scale, zero = scales_zeros.float().permute(2, 1, 0)  # (n, K/32) each
-        u = u.view(len(u), -1, GROUP).float()
-        return ((u - 8) * scale[..., None] + zero[..., None]).view(len(u), -1)
+    @staticmethod
+    def _int4_weight(terms: list[Tensor], scales_zeros: Tensor) -> Tensor:
+        """Each term's (n, K) values 0..15 and their (terms, K/32, n, 2) scales and zeros -> the
+        float32 (n, K) weight, in one multiply-add: two terms are one 8-bit value v = 16 * hi + lo
+        (their scales are 16 * s and s, as `groups` makes them), so w = v * s + (zero - 8 * sum of scales)."""
+        v = terms[0] if len(terms) == 1 else (terms[0] << 4) | terms[1]
+        sz = scales_zeros.float()
+        scale = sz[-1, ..., 0].t().contiguous()  # (n, K/32)
+        offset = (sz[0, ..., 1] - 8 * sz[..., 0].sum(0)).t().contiguous()  # (n, K/32)
+        n = v.shape[0]
+        return torch.addcmul(offset[..., None], v.reshape(n, -1, GROUP).float(), scale[..., None]).view(n, -1)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:
         """Rows start:stop of the weight in the compute dtype (int4 bands start at multiples of 64)."""
         stop = self.out_features if stop is None else stop
         if self.kind == "int8":
             return self.q[start:stop].to(self.dtype) * self.scale[start:stop, None]
-        terms = zip(self.packed[:, start:stop], self.scales_zeros[:, :, start:stop])
-        return sum(self._int4_values(unpack_int4(p), sz) for p, sz in terms).to(self.dtype)
+        terms = [unpack_int4(p) for p in self.packed[:, start:stop]]
+        return self._int4_weight(terms, self.scales_zeros[:, :, start:stop]).to(self.dtype)
 
     def rows(self, ids: Tensor) -> Tensor:
         """The weight's rows `ids` (any shape) -> (*ids.shape, K): an embedding lookup."""
@@ -159,11 +165,11 @@ class QuantLinear(nn.Module):
         else:
             half = BLOCK_ROWS // 2
             high = (flat % BLOCK_ROWS >= half)[:, None]
-            out = 0
-            for packed, scales_zeros in zip(self.packed, self.scales_zeros):
+            terms = []
+            for packed in self.packed:
                 bytes_ = packed.view(-1, self.in_features, half)[flat // BLOCK_ROWS, :, flat % half]  # (n, K)
-                out = out + self._int4_values(torch.where(high, bytes_ >> 4, bytes_ & 15), scales_zeros[:, flat])
-            out = out.to(self.dtype)
+                terms.append(torch.where(high, bytes_ >> 4, bytes_ & 15))
+            out = self._int4_weight(terms, self.scales_zeros[:, :, flat]).to(self.dtype)
         return out.view(*ids.shape, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:

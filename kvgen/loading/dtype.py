@@ -99,22 +99,37 @@ def kernel_times(cache_dir: Path | None = None) -> dict:
     wanted = {f"{str(d).removeprefix('torch.')}{kernel}_s" for d in KERNEL_DTYPES for kernel in kernels}
     if not wanted <= known.get(key, {}).keys():  # never measured, or before a kernel was added
         times, best = {}, {}
-        for dtype in KERNEL_DTYPES:
-            name = str(dtype).removeprefix("torch.")
-            for kernel in kernels:
-                times[f"{name}{kernel}_s"] = _seconds_per_matvec(dtype, kernel)
-            best[name] = min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
+        threads = torch.get_num_threads()
+        # Timed on one thread: these compare kernels, and a busy machine that deschedules one of
+        # two threads makes every two-thread call wait a time slice (8 ms: all kernels alike).
+        torch.set_num_threads(1)
+        try:
+            for dtype in KERNEL_DTYPES:
+                name = str(dtype).removeprefix("torch.")
+                for kernel in kernels:
+                    times[f"{name}{kernel}_s"] = _seconds_per_matvec(dtype, kernel)
+                best[name] = min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
+        finally:
+            torch.set_num_threads(threads)
         known[key] = {"dtype": min(best, key=best.get), **times}
         save_json(record, known)  # a record we cannot write only means measuring again next time
     return known[key]
 
 
-def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = None) -> torch.dtype:
+def _best_quantized_s(times: dict, name: str) -> float:
+    return min(times.get(f"{name}_int4_s", float("inf")), times.get(f"{name}_int8_s", float("inf")))
+
+
+def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = None, quantized: bool = False) -> torch.dtype:
     """bfloat16 on a GPU; on a CPU whichever of float32 and bfloat16 decodes faster, by its
-    faster kernel, measured once."""
+    faster kernel, measured once. For `quantized` weights, by their kernels where those pay."""
     if torch.device(device).type != "cpu":
         return torch.bfloat16
-    return getattr(torch, kernel_times(cache_dir)["dtype"])
+    times = kernel_times(cache_dir)
+    paying = [d for d in KERNEL_DTYPES if quantized and quantized_pays(d, device, cache_dir)]
+    if paying:
+        return min(paying, key=lambda d: _best_quantized_s(times, str(d).removeprefix("torch.")))
+    return getattr(torch, times["dtype"])
 
 
 def packing_pays(dtype: torch.dtype, device: torch.device | str = "cpu", cache_dir: Path | None = None) -> bool:
@@ -133,12 +148,11 @@ def quantized_pays(dtype: torch.dtype, device: torch.device | str = "cpu", cache
     if torch.device(device).type != "cpu" or dtype not in KERNEL_DTYPES:
         return False
     times, name = kernel_times(cache_dir), str(dtype).removeprefix("torch.")
-    quantized = min(times.get(f"{name}_int4_s", float("inf")), times[f"{name}_int8_s"])
-    return quantized < min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
+    return _best_quantized_s(times, name) < min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """ "auto" -> `fastest_dtype(device)`; a name or torch dtype -> that dtype."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu", quantized: bool = False) -> torch.dtype:
+    """ "auto" -> `fastest_dtype(device, quantized=quantized)`; a name or torch dtype -> that dtype."""
     from . import parse_dtype
 
-    return fastest_dtype(device) if dtype == "auto" else parse_dtype(dtype)
+    return fastest_dtype(device, quantized=quantized) if dtype == "auto" else parse_dtype(dtype)
