@@ -163,7 +163,8 @@ def load_kvgen(spec: dict) -> tuple[Generate, int, str]:
             stamps.append(time.perf_counter())
         return tokens, start, stamps
 
-    weights = spec["dtype"] + (f", weights {lm.runner.quantized} (int4/int8)" if lm.runner.quantized else "")
+    quantized = {"gguf": "GGUF int4/int8", None: ""}.get(lm.runner.quantized, lm.runner.quantized)
+    weights = spec["dtype"] + (f", {quantized}" if quantized else "")
     return generate, weight_bytes_per_token(lm.model), weights
 
 
@@ -583,16 +584,15 @@ def _mark_same_tokens(results: list[dict]) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """`kvgen bench`: run kvgen and each peer in turn, print the table, write JSON and the plot."""
-    from .cli import _check_output
     from .loading import default_model
     from .loading.dtype import resolve_dtype
     from .loading.gguf import is_gguf
-    from .trace import save_figure, write_atomic
+    from .trace import check_output, save_figure, write_atomic
 
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2: decode speed is timed from the first token to the last")
-    _check_output(args.json)
-    _check_output(args.plot, ".png")
+    check_output(args.json)
+    check_output(args.plot, ".png")
     source = Path(args.model).expanduser() if args.model else default_model()
     gguf = is_gguf(source)
     dtype = str(resolve_dtype(args.dtype, quantized=gguf)).removeprefix("torch.")  # as kvgen.load chooses it

@@ -16,6 +16,7 @@ from .cache import CACHE_KINDS, check_sink, make_cache
 from .loading import DTYPES
 from .sampling import SamplingParams
 from .runner import QUANTIZE
+from .trace import check_output
 from .speculative import SPECULATIVE_METHODS, check_speculative
 
 
@@ -234,19 +235,6 @@ def _attention_spec(text: str) -> tuple[int, int]:
     return numbers[0], numbers[1] if len(numbers) > 1 else 0
 
 
-def _check_output(path: str | None, suffix: str | None = None) -> None:
-    """Refuse an output path before any model is loaded: its folder must exist."""
-    if path is None:
-        return
-    from pathlib import Path
-
-    if suffix and not path.lower().endswith(suffix):
-        raise ValueError(f"{path}: the plot is a PNG image; name the file *{suffix}")
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise ValueError(f"{path}: folder {str(folder)!r} does not exist")
-
-
 def cmd_trace(args: argparse.Namespace) -> int:
     """Generate while recording every step's shapes and caches; print them, and save JSON or plots."""
     import kvgen
@@ -256,8 +244,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     kwargs = _generation_kwargs(args)
     if args.attention is not None and not args.plot:
         raise ValueError("--attention draws a plot: give --plot FILE.png too")
-    _check_output(args.json)
-    _check_output(args.plot, ".png")
+    check_output(args.json)
+    check_output(args.plot, ".png")
     lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.attention is not None and not args.attention[0] < (layers := len(lm.model.cache_layout())):
         raise ValueError(f"layer {args.attention[0]} is out of range: the model has {layers} layers (0-{layers - 1})")
@@ -290,7 +278,7 @@ def cmd_compare_caches(args: argparse.Namespace) -> int:
     from .trace import Tracer, compare_figure, save_figure
 
     kwargs = _generation_kwargs(args)
-    _check_output(args.plot, ".png")
+    check_output(args.plot, ".png")
     console = Console(highlight=False)
     lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     lm.generate(args.prompt, 2, **kwargs)  # warm-up: first calls pay one-time kernel set-up
@@ -375,8 +363,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
     policies = list(dict.fromkeys(name for names in args.cache or [["sink"]] for name in names))
     check_sink(args.sinks, 1 if args.window is None else args.window)
-    _check_output(args.json)
-    _check_output(args.plot, ".png")
+    check_output(args.json)
+    check_output(args.plot, ".png")
     text = _read_text(args.file)
     lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)  # the native backend: the loop is kvgen's
     ids = lm.encode(text)
@@ -449,7 +437,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from .quality import measure
     from .trace import write_atomic
 
-    _check_output(args.json)
+    check_output(args.json)
     if args.quantize == "none" and args.dtype == "float32":
         raise ValueError("--quantize none --dtype float32 is the reference itself: nothing to compare")
     text = _read_text(args.file)

@@ -340,6 +340,17 @@ def print_table(records: list[StepRecord], title: str = "", console=None) -> Non
 # ---------------------------------------------------------------- JSON
 
 
+def check_output(path: str | None, suffix: str | None = None) -> None:
+    """Refuse an output path before any model is loaded: its folder must exist."""
+    if path is None:
+        return
+    if suffix and not path.lower().endswith(suffix):
+        raise ValueError(f"{path}: the plot is a PNG image; name the file *{suffix}")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: folder {str(folder)!r} does not exist")
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it into place: never a half-written file."""
     path = Path(path)
