@@ -12,13 +12,14 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .cache import CACHE_KINDS, LayerCache
 from .generate import Step, generate_tokens
+from .grammar import Constraint, constraints, grammar_for, mask_logits
 from .hf import generate_tokens_hf
 from .sampling import SamplingParams
 from .speculative import SpeculativeStats, check_speculative, generate_tokens_prompt_lookup
@@ -168,6 +169,7 @@ class LM:
         sink_tokens: int = 4,
         window: int | None = None,
         compile_step: bool = False,
+        logits_mask: Callable[[Tensor], Tensor] | None = None,
     ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
@@ -177,6 +179,8 @@ class LM:
             raise ValueError("the sink cache needs the native backend and plain (not speculative) decoding")
         if compile_step and (self.backend != "native" or speculative is not None):
             raise ValueError("compile_step needs the native backend and plain (not speculative) decoding")
+        if logits_mask is not None and (self.backend != "native" or speculative is not None):
+            raise ValueError("json_schema and grammar need the native backend and plain (not speculative) decoding")
         if speculative is not None:
             check_speculative(speculative, params, len(prompts), self.backend, draft_tokens, ngram_size)
             if kv_cache is not None or observe is not None:
@@ -204,7 +208,14 @@ class LM:
             sink_tokens,
             window,
             compile_step=compile_step,
+            logits_mask=logits_mask,
         )
+
+    def constraints(self, rows: int, json_schema: Any = None, grammar: str | None = None) -> list[Constraint] | None:
+        """One grammar state per row for `json_schema` or `grammar` (None for neither); ValueError
+        naming what the grammar library cannot enforce."""
+        spec = grammar_for(json_schema, grammar)
+        return None if spec is None else constraints(self, spec, rows)
 
     def stream_batch(
         self,
@@ -223,6 +234,8 @@ class LM:
         sink_tokens: int = 4,
         window: int | None = None,
         compile_step: bool = False,
+        json_schema: Any = None,
+        grammar: str | None = None,
         **sampling,
     ) -> Iterator[list[Response | None]]:
         """Yield, per step, one `Response` per prompt (None once that prompt has finished).
@@ -236,13 +249,19 @@ class LM:
         first `sink_tokens` and the last `window` tokens (default: the context less the sinks) and
         runs past the model's context (`kvgen.cache.SinkLayerCache`). `compile_step=True` (with
         `cache="static"`) runs decode steps through `torch.compile`: the same tokens, faster once
-        the first step has compiled (seconds; `kvgen.generate.decode_compiled`).
+        the first step has compiled (seconds; `kvgen.generate.decode_compiled`). `json_schema` (a
+        JSON schema) or `grammar` (Lark text, llguidance's dialect) constrains every row's tokens to
+        documents of that grammar, ended by EOS only where complete (`kvgen.grammar`).
         """
         if not prompts:
             raise ValueError("no prompts given")
         params = SamplingParams(**sampling)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         prompt_ids = [self.encode(p) for p in prompts]
+        if (json_schema is not None or grammar is not None) and not stop_at_eos:
+            raise ValueError("json_schema and grammar end a document with EOS: they cannot ignore it")
+        rules = self.constraints(len(prompts), json_schema, grammar)
+        logits_mask = None if rules is None else lambda logits: mask_logits(logits, rules)
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         stats = SpeculativeStats() if speculative is not None else None
         start = time.perf_counter()
@@ -264,6 +283,7 @@ class LM:
                 sink_tokens=sink_tokens,
                 window=window,
                 compile_step=compile_step,
+                logits_mask=logits_mask,
             )
         ) as steps:
             for step, tokens in enumerate(steps):
@@ -273,11 +293,15 @@ class LM:
                 if step == 1:
                     second_token_at = now
                 out: list[Response | None] = []
-                for row, ids, token in zip(rows, prompt_ids, tokens.tolist()):
+                for i, (row, ids, token) in enumerate(zip(rows, prompt_ids, tokens.tolist())):
                     if row.finish_reason is not None:
                         out.append(None)
                         continue
+                    if rules is not None:
+                        rules[i].advance(token)
                     response = row.add(token, last_step=step + 1 == max_new_tokens)
+                    if response.finish_reason and rules is not None:
+                        rules[i].done = True
                     if response.finish_reason:
                         response.timings = Timings(
                             self.load_seconds, first_token_at - start, now - first_token_at, len(ids), step + 1
@@ -371,6 +395,8 @@ class LM:
         sink_tokens: int = 4,
         window: int | None = None,
         compile_step: bool = False,
+        json_schema: Any = None,
+        grammar: str | None = None,
     ) -> Result:
         """Generate up to `max_new_tokens` tokens after `prompt`.
 
@@ -384,7 +410,9 @@ class LM:
         per forward from earlier text matching the last `ngram_size` tokens, with the same result;
         `timings.speculative` holds its counts. `compile_step=True` (with `cache="static"`) runs the
         decode steps through `torch.compile`: the same tokens, faster once compiled (the first
-        step waits for it: seconds).
+        step waits for it: seconds). `json_schema` (a dict, or its JSON text) makes the text a JSON
+        document valid against it; `grammar` (Lark text, llguidance's dialect) any grammar's
+        document; a feature the grammar library cannot enforce is a ValueError naming it.
         """
         tracer = None
         if trace:
@@ -414,6 +442,8 @@ class LM:
             sink_tokens=sink_tokens,
             window=window,
             compile_step=compile_step,
+            json_schema=json_schema,
+            grammar=grammar,
         )
         if tracer is not None:
             result.trace = tracer.records

@@ -146,6 +146,7 @@ def generate_tokens(
     window: int | None = None,
     cuda_graph: bool = True,
     compile_step: bool = False,
+    logits_mask: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
 
@@ -158,6 +159,8 @@ def generate_tokens(
     (`kvgen.graphs`), unless `cuda_graph=False` or `observe` wants each step's tensors.
     `compile_step` runs decode steps through `torch.compile` (`decode_compiled`; static cache only,
     sized up to a multiple of 256 slots so that nearby lengths share one compiled step).
+    `logits_mask` takes each step's (B, vocab) logits and returns them with forbidden tokens at
+    -inf, before sampling (a grammar, `kvgen.grammar`); it sees the tokens only as the caller does.
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
@@ -198,12 +201,14 @@ def generate_tokens(
         decode = graphs.GraphDecoder(decode, len(prompts), device, graph=graphs.CudaGraph)
 
     # A plain greedy choice reads only the argmax: a screened head may then skip most logits (kvgen.screen).
-    argmax_only = params.greedy and params.repetition_penalty == 1.0 and observe is None
+    argmax_only = params.greedy and params.repetition_penalty == 1.0 and observe is None and logits_mask is None
     started = time.perf_counter()
     with screen.argmax_only(model, argmax_only):
         logits = prefill(model, tokens, positions, cache)
     position = positions[:, -1] + 1
     for step in range(max_new_tokens):
+        if logits_mask is not None:
+            logits = logits_mask(logits)
         token = sample(logits, params, generator, history)
         if observe is not None:
             observe(Step(step, tokens, positions, logits, token, cache, time.perf_counter() - started))
