@@ -84,11 +84,13 @@ class Result:
     finish_reason: str
     timings: Timings = field(default_factory=Timings)
     trace: list | None = None  # `kvgen.trace.StepRecord`s, one per step, with generate(..., trace=True)
+    tool_calls: list[dict] | None = None  # OpenAI's tool_calls, from chat(..., tools=...)
 
     def as_dict(self) -> dict:
         out = {**dataclasses.asdict(self), "timings": self.timings.as_dict()}
-        if self.trace is None:
-            del out["trace"]
+        for key in ("trace", "tool_calls"):
+            if out[key] is None:
+                del out[key]
         return out
 
 
@@ -351,15 +353,45 @@ class LM:
                     )
         return results
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, template: str | None = None, **kwargs) -> Result:
+    def chat(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        template: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        **kwargs,
+    ) -> Result:
         """Reply to a conversation, [{"role": "user", "content": ...}, ...], rendered with the
-        model's chat template (or `template`, a Jinja string). Keyword arguments are `generate`'s."""
+        model's chat template (or `template`, a Jinja string). Keyword arguments are `generate`'s,
+        `json_schema` and `grammar` included.
+
+        `tools` (OpenAI's list of functions) are rendered by the template; calls the reply makes come
+        back as `Result.tool_calls` (OpenAI's form) with finish_reason "tool_calls". `tool_choice`
+        "auto" (default with tools), "none", "required" or {"type": "function", "function": {"name":
+        ...}}; the last two constrain the reply to calls whose arguments follow the schema.
+        """
         from .chat import chat_template, render
+        from .tools import call_grammar, choose, parse_calls, supports_tools, template_messages
 
         template, stops = chat_template(self, template)
+        mode, callable_tools = choose(tools, tool_choice)
+        if mode != "none" and not supports_tools(template):
+            raise ValueError("this model's chat template has no tool support (no tools, or no <tool_call> syntax)")
+        if mode == "required":
+            if kwargs.get("json_schema") is not None or kwargs.get("grammar") is not None:
+                raise ValueError("a required tool call and json_schema/grammar cannot both constrain the reply")
+            kwargs["grammar"] = call_grammar(callable_tools, self.tokenizer, parallel_tool_calls)
         stop = kwargs.pop("stop", None)
         stop = ([stop] if isinstance(stop, str) else list(stop or [])) + stops
-        return self.generate(render(self, messages, template), max_new_tokens, stop=stop, **kwargs)
+        ids = render(self, template_messages(messages), template, tools if mode != "none" else None)
+        result = self.generate(ids, max_new_tokens, stop=stop, **kwargs)
+        if mode != "none":
+            content, calls = parse_calls(result.text, callable_tools, parallel_tool_calls)
+            if calls and result.finish_reason != "length":
+                result.text, result.tool_calls, result.finish_reason = content or "", calls, "tool_calls"
+        return result
 
     def chat_session(
         self,

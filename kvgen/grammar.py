@@ -52,19 +52,22 @@ def json_schema_grammar(schema: Any) -> str:
     return check(grammar, "json_schema")
 
 
-def lark_grammar(text: str) -> str:
-    """An llguidance grammar from Lark text (llguidance's dialect: `%json {schema}` embeds a schema)."""
+def lark_grammar(text: str, tokenizer: Any = None) -> str:
+    """An llguidance grammar from Lark text (llguidance's dialect: `%json {schema}` embeds a schema,
+    `<[id]>` a token). Without `tokenizer` (an `ll_tokenizer`) a grammar naming tokens is checked
+    only when its `constraints` are made."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("grammar must be non-empty Lark text")
-    return check(_llguidance().LLMatcher.grammar_from_lark(text), "grammar")
+    grammar = _llguidance().LLMatcher.grammar_from_lark(text)
+    return grammar if tokenizer is None and "<[" in text else check(grammar, "grammar", tokenizer)
 
 
-def check(grammar: str, what: str) -> str:
+def check(grammar: str, what: str, tokenizer: Any = None) -> str:
     """The grammar, if the library can enforce all of it; else ValueError with its first complaint.
 
     Warnings count as errors: each one names a part of the schema that would not be enforced.
     """
-    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, None)
+    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
     if failed or messages:
         first = " ".join(str(messages[0]).split()) if messages else "invalid"
         raise ValueError(f"{what} cannot be enforced: {first}")
@@ -141,6 +144,7 @@ def constraints(lm: Any, grammar: str, rows: int) -> list[Constraint]:
     """One fresh `Constraint` per row of `lm`'s output, all following `grammar`."""
     vocab = lm.model.config.vocab_size
     tokenizer = ll_tokenizer(lm.tokenizer, vocab, lm.eos_token_ids)
+    check(grammar, "grammar", tokenizer)
     return [Constraint(tokenizer, grammar, vocab) for _ in range(rows)]
 
 
