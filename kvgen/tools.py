@@ -170,7 +170,10 @@ def template_messages(messages: list[dict]) -> list[dict]:
 
 def open_prefix(text: str) -> int:
     """Where a `<tool_call>` block starts or may be starting in streamed text (len(text) if nowhere):
-    what comes before it can be shown as content, the rest is held until the reply ends."""
+    what comes before it can be shown as content, the rest is held until the reply ends. A reply
+    that opens with "{" may be a call without its tags (see `parse_calls`): all of it is held."""
+    if text.lstrip().startswith("{"):
+        return 0
     at = text.find(CALL_OPEN)
     if at >= 0:
         return at
