@@ -138,7 +138,9 @@ def test_engine_rows_each_follow_their_own_grammar(lm, reference):
 def test_cli_json_schema(cli, gpt2_tiny, tmp_path):
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(COLOURS))
-    code, out, err = cli("generate", "Call me", "-m", gpt2_tiny, "--dtype", "float32", "-n", "60", "--json-schema", path)
+    code, out, err = cli(
+        "generate", "Call me", "-m", gpt2_tiny, "--dtype", "float32", "-n", "60", "--json-schema", path
+    )
     assert code == 0, err
     jsonschema.validate(json.loads(out), COLOURS)
     path.write_text(json.dumps(UNENFORCEABLE[1][0]))

@@ -265,6 +265,74 @@ def test_bad_requests_get_openai_error_objects(url, model):
     assert_error(httpx.get(f"{url}/v1/nothing"), 404)
 
 
+COLOURS = {"type": "array", "items": {"enum": ["red", "green"]}, "minItems": 1, "maxItems": 3}
+PAIR = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "y": {"type": "boolean"}},
+    "required": ["x", "y"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_requests_in_one_batch_each_validate(client, model):
+    """Concurrent chat requests, streamed and not, each with its own schema, share the batch."""
+    import jsonschema
+
+    def ask(schema, stream, seed):
+        response_format = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+        kwargs = dict(model=model, messages=[{"role": "user", "content": PROMPTS[seed]}], max_tokens=100,
+                      temperature=1.0, seed=seed, response_format=response_format)  # fmt: skip
+        if not stream:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+            return choice.message.content, choice.finish_reason
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+    jobs = [(COLOURS, False), (PAIR, True), (PAIR, False), (COLOURS, True)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: ask(*job[1], job[0]), enumerate(jobs)))
+    for (schema, _), (text, finish_reason) in zip(jobs, answers):
+        assert finish_reason == "stop"
+        jsonschema.validate(json.loads(text), schema)
+    any_json = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=150,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(any_json.choices[0].message.content), dict)  # fmt: skip
+    completion = complete(
+        client, model, n_tokens=60, extra_body={"ignore_eos": False, "guided_grammar": 'start: "no" | "yes"'}
+    )
+    assert completion.choices[0].text in ("yes", "no")
+
+
+def test_structured_output_errors(url, model):
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+    def schema(s):
+        return {"type": "json_schema", "json_schema": {"name": "x", "schema": s}}
+
+    error = assert_error(post(url, "/v1/chat/completions", {**chat, "response_format": schema({"not": {}})}), 400,
+                         "response_format")  # fmt: skip
+    assert '"not"' in error["message"] and "cannot be enforced" in error["message"]
+    error = assert_error(post(url, "/v1/completions", {"model": model, "prompt": "a", "response_format": schema(
+        {"type": "string", "format": "phone"})}), 400, "response_format")  # fmt: skip
+    assert "phone" in error["message"]
+    for bad in ({"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": {}}}):
+        assert_error(post(url, "/v1/chat/completions", {**chat, "response_format": bad}), 400, "response_format")
+    both = {**chat, "response_format": {"type": "json_object"}, "ignore_eos": True}
+    assert_error(post(url, "/v1/chat/completions", both), 400, "ignore_eos")
+    assert_error(post(url, "/v1/completions", {"model": model, "prompt": "a", "guided_grammar": "start: nope"}), 400,
+                 "guided_grammar")  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    error = assert_error(post(url, "/v1/chat/completions", {**chat, "tools": tools}), 400, "tools")
+    assert "tool support" in error["message"]  # a template-less model cannot be given tools
+    assert_error(post(url, "/v1/chat/completions", {**chat, "tool_choice": "required"}), 400, "tool_choice")
+
+
 def test_openai_client_raises_the_documented_errors(client, model):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)

@@ -171,16 +171,14 @@ class Server:
                            param=param)  # fmt: skip
         if (asked or mode == "required") and body.ignore_eos:
             raise APIError(400, "a constrained reply ends with EOS: ignore_eos cannot be set", param="ignore_eos")
+        param = "tools" if mode == "required" else "guided_grammar" if "guided_grammar" in asked else "response_format"
         try:
             if mode == "required":
-                param, grammar = (
-                    "tools",
-                    call_grammar(callable_tools, self.lm.tokenizer, body.parallel_tool_calls is not False),
-                )
-            elif getattr(body, "guided_grammar", None) is not None:
-                param, grammar = "guided_grammar", lark_grammar(body.guided_grammar)
+                grammar = call_grammar(callable_tools, self.lm.tokenizer, body.parallel_tool_calls is not False)
+            elif "guided_grammar" in asked:
+                grammar = lark_grammar(body.guided_grammar)
             elif asked:
-                param, grammar = "response_format", json_schema_grammar(response_format_schema(body.response_format))
+                grammar = json_schema_grammar(response_format_schema(body.response_format))
             else:
                 return None
             # The first grammar builds the tokenizer's index (seconds for a large vocabulary): off the event loop.
