@@ -102,7 +102,7 @@ def ll_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]):
 
 
 class Constraint:
-    """One row's grammar: which tokens may come next, and the tokens taken so far."""
+    """One row's grammar state: which tokens may come next, given the tokens taken so far."""
 
     def __init__(self, ll_tokenizer, grammar: str, vocab: int) -> None:
         llg = _llguidance()
@@ -127,17 +127,6 @@ class Constraint:
             return
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"token {token} is not allowed by the grammar: {self.matcher.get_error()}")
-
-    def allows(self, token: int) -> bool:
-        """Whether `token` may come next (for tests and checks; `fill` is the fast way)."""
-        bitmask = torch.zeros(1, (self.vocab + 31) // 32, dtype=torch.int32)
-        self.fill(bitmask, 0)
-        return bool((bitmask[0, token // 32] >> (token % 32)) & 1)
-
-    @property
-    def complete(self) -> bool:
-        """Whether the text so far is a whole document (EOS would be allowed now)."""
-        return self.done or self.matcher.is_accepting()
 
 
 def constraints(lm: Any, grammar: str, rows: int) -> list[Constraint]:

@@ -5,12 +5,13 @@ which `make test` installs) and the default Gemma 3 270M base model. The server 
 from __future__ import annotations
 
 import json
+import shutil
 
 import jsonschema
 import openai
 import pytest
 import torch
-from test_server import running_server
+from test_server import playground_chat, running_server
 
 import kvgen
 from kvgen.chat import render
@@ -107,6 +108,13 @@ def client(tmp_path_factory):
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def gemma_url(tmp_path_factory, gemma270m):
+    log = tmp_path_factory.mktemp("serve-gemma") / "serve.log"
+    with running_server("gemma3-270m", "--dtype", "auto", log=log, threads=2) as url:  # the default, by name
+        yield url
+
+
 # Chat ---------------------------------------------------------------------------------------------
 
 
@@ -122,6 +130,24 @@ def test_base_model_chat_starts_with_bos_and_stops_cleanly(gemma, gemma270m):
     result = gemma.chat([{"role": "user", "content": "What is the capital of France?"}], 40)
     assert result.prompt_ids[0] == AutoTokenizer.from_pretrained(gemma270m[1]).bos_token_id
     assert "Paris" in result.text and result.finish_reason in ("stop", "eos") and "User:" not in result.text
+
+
+needs_chromium = pytest.mark.skipif(
+    not shutil.which("chromium") or not shutil.which("chromedriver"), reason="make test installs chromium"
+)
+
+
+@needs_chromium
+def test_playground_chat_on_the_base_model(gemma_url):
+    output, _ = playground_chat(gemma_url, ["What is the capital of France?"], max_tokens=24)
+    assert "Paris" in output and "error" not in output
+
+
+@needs_chromium
+@needs_qwen
+def test_playground_chat_on_the_instruct_model(client):
+    output, _ = playground_chat(str(client.base_url).removesuffix("/v1/"), ["What is the capital of France?"])
+    assert "Paris" in output and "error" not in output
 
 
 @needs_qwen

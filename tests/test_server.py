@@ -398,6 +398,54 @@ def test_a_client_that_hangs_up_frees_its_row(url, model):
     assert metric(url, "generation_tokens_total") - generated < 240  # it did not run to the end
 
 
+def chromium():
+    """A headless Chromium driven by selenium."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
+        options.add_argument(flag)
+    return webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    )
+
+
+def playground_chat(url: str, questions: list[str], max_tokens: int = 24, timeout: float = 120) -> tuple[str, str]:
+    """Ask `questions` in turn in the playground's chat mode (greedy); returns (output text, stats line)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = chromium()
+    try:
+        driver.get(url + "/")
+        Select(driver.find_element(By.ID, "mode")).select_by_value("chat")
+        for field, value in (("temperature", "0"), ("max_tokens", str(max_tokens))):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        for question in questions:
+            box = driver.find_element(By.ID, "prompt")
+            box.clear()
+            box.send_keys(question)
+            driver.find_element(By.ID, "send").click()
+            wait = WebDriverWait(driver, timeout)
+            wait.until(lambda d: "prompt tokens" in d.find_element(By.ID, "stats").text)
+            wait.until(lambda d: not d.find_element(By.ID, "send").get_attribute("disabled"))
+        return driver.find_element(By.ID, "output").text, driver.find_element(By.ID, "stats").text
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(
+    not shutil.which("chromium") or not shutil.which("chromedriver"), reason="make test installs chromium"
+)
+def test_playground_chat_mode_keeps_the_conversation(url):
+    output, stats = playground_chat(url, ["It was the best of times", "Call me Ishmael"], max_tokens=8)
+    assert output.count("User: ") == 2 and "error" not in output
+    cached = int(re.search(r"\((\d+) cached\)", stats).group(1))
+    assert cached > 5  # the second turn reused the first one's tokens
+
+
 # Prompt-cache reuse -----------------------------------------------------------------------------
 
 
@@ -477,16 +525,10 @@ def test_schemathesis_finds_no_server_errors(url, tmp_path):
     not shutil.which("chromium") or not shutil.which("chromedriver"), reason="make test installs chromium"
 )
 def test_playground_streams_in_headless_chromium(url, tmp_path):
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=options, service=service)
+    driver = chromium()
     try:
         driver.get(url + "/")
         box = driver.find_element(By.ID, "prompt")

@@ -157,34 +157,27 @@ class Server:
         """The grammar a request asks for (response_format, guided_grammar, or a required tool
         call), checked against the model's tokenizer; a 400 naming what cannot be enforced."""
         mode, callable_tools = tools
-        asked = [
-            name
-            for name, given in (
-                ("response_format", response_format_schema(body.response_format) is not None),
-                ("guided_grammar", getattr(body, "guided_grammar", None) is not None),
-            )
-            if given
-        ]
-        if len(asked) > 1 or (asked and mode != "none"):
-            param = asked[-1] if asked else "tools"
-            raise APIError(400, f"'{param}' cannot be combined with {asked[0] if len(asked) > 1 else 'tools'}",
-                           param=param)  # fmt: skip
-        if (asked or mode == "required") and body.ignore_eos:
+        schema = response_format_schema(body.response_format)
+        lark = getattr(body, "guided_grammar", None)
+        given = [("response_format", schema), ("guided_grammar", lark), ("tools", mode if mode != "none" else None)]
+        wanted = [name for name, value in given if value is not None]
+        if len(wanted) > 1:
+            raise APIError(400, f"'{wanted[1]}' cannot be combined with '{wanted[0]}'", param=wanted[1])
+        if not wanted or mode == "auto":  # "auto" leaves the model free; its calls are read afterwards
+            return None
+        if body.ignore_eos:
             raise APIError(400, "a constrained reply ends with EOS: ignore_eos cannot be set", param="ignore_eos")
-        param = "tools" if mode == "required" else "guided_grammar" if "guided_grammar" in asked else "response_format"
         try:
             if mode == "required":
                 grammar = call_grammar(callable_tools, self.lm.tokenizer, body.parallel_tool_calls is not False)
-            elif "guided_grammar" in asked:
-                grammar = lark_grammar(body.guided_grammar)
-            elif asked:
-                grammar = json_schema_grammar(response_format_schema(body.response_format))
+            elif lark is not None:
+                grammar = lark_grammar(lark)
             else:
-                return None
+                grammar = json_schema_grammar(schema)
             # The first grammar builds the tokenizer's index (seconds for a large vocabulary): off the event loop.
             await asyncio.to_thread(self.lm.constraints, 1, grammar=grammar)
         except ValueError as e:
-            raise APIError(400, str(e), param=param) from None
+            raise APIError(400, str(e), param=wanted[0]) from None
         return grammar
 
     def max_tokens(self, asked: int | None, prompt_len: int, default: int | None, param: str) -> int:
