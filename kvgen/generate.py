@@ -117,6 +117,7 @@ def generate_tokens(
     sink_tokens: int = 4,
     window: int | None = None,
     decoder: Decoder = plain_decoder,
+    logits_mask: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) next-token ids, `max_new_tokens` times: the first from prefill, the rest from decode.
 
@@ -127,6 +128,8 @@ def generate_tokens(
     `cache_kind="sink"` keeps `sink_tokens` + `window` tokens and runs past the model's context.
     `decoder` builds the decode step once the cache exists: the model's runner hands in its own
     (`kvgen.runner`: a CUDA graph, say); an observed run takes the plain one, whose tensors it reads.
+    `logits_mask` takes each step's (B, vocab) logits and returns them with forbidden tokens at
+    -inf, before sampling (a grammar, `kvgen.grammar`); it sees the tokens only as the caller does.
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
@@ -159,6 +162,8 @@ def generate_tokens(
     logits = prefill(model, tokens, positions, cache)
     position = positions[:, -1] + 1
     for step in range(max_new_tokens):
+        if logits_mask is not None:
+            logits = logits_mask(logits)
         token = sample(logits, params, generator, history)
         if observe is not None:
             observe(Step(step, tokens, positions, logits, token, cache, time.perf_counter() - started))

@@ -1,12 +1,13 @@
 """Chat: templates, sessions that keep the KV cache, and `kvgen chat` in a terminal."""
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 import kvgen
-from kvgen.chat import PLAIN_TEMPLATE, common_prefix, render
+from kvgen.chat import PLAIN_STOPS, common_prefix, render
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -70,9 +71,43 @@ def test_plain_transcript_without_a_template(gpt2_tiny):
     bare = kvgen.load(gpt2_tiny, dtype="float32")
     assert not bare.tokenizer.chat_template
     session = bare.chat_session()
-    assert session.template == PLAIN_TEMPLATE and "\nUser:" in session.stops
-    text = bare.tokenizer.decode(render(bare, [{"role": "user", "content": "Hi"}], PLAIN_TEMPLATE))
-    assert text == "User: Hi\nAssistant:"
+    assert session.template is None and session.stops == PLAIN_STOPS == ["\nUser:"]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello."}]
+    ids = render(bare, messages + [{"role": "user", "content": "Bye"}], None)
+    assert ids == bare.encode("User: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:")  # the reply as generated
+
+
+@pytest.mark.parametrize("template", [CHATML, None], ids=["template", "plain"])
+def test_second_turn_prefills_exactly_its_new_tokens(gpt2_tiny, template):
+    bare = kvgen.load(gpt2_tiny, dtype="float32")
+    session = bare.chat_session(template=template)
+    first = list(session.send("the season of Light", 8, stop_at_eos=False))
+    reply = [r.token_id for r in first]
+    # This greedy reply re-encodes to its own tokens (checked here, so the count below is exact).
+    assert bare.tokenizer.load_transformers().encode("".join(r.text for r in first)) == reply
+    first_prompt = render(bare, session.messages[:1], template)
+    list(session.send("Go on.", 3, stop_at_eos=False))
+    second_prompt = render(bare, session.messages[:3], template)
+    assert second_prompt[: len(first_prompt) + len(reply)] == first_prompt + reply
+    # New: the reply's last token (sampled, never fed) and what the template adds after it.
+    assert session.last_prefill_tokens == len(second_prompt) - len(first_prompt) - len(reply) + 1
+
+
+def test_prompt_ids_equal_transformers_apply_chat_template(gpt2_tiny, tmp_path):
+    """The raw-tokenizer path (no transformers tokenizer) gives transformers' ids, special tokens included."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(gpt2_tiny, folder)
+    (folder / "chat_template.jinja").write_text(CHATML.replace("<|im_start|>", "<|endoftext|>"))
+    lm = kvgen.load(folder, dtype="float32")
+    assert lm.tokenizer.transformers is None  # kvgen's own path, not transformers' tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "It was the best of times"}]
+    reference = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    ids = render(lm, messages, lm.tokenizer.chat_template)
+    assert ids == list(reference) and ids.count(lm.tokenizer.eos_token_id) == 3
 
 
 def test_bad_messages(lm):

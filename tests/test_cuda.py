@@ -10,6 +10,7 @@ import torch
 from kvgen import graphs
 from kvgen.generate import generate_tokens
 from kvgen.loading import load_native
+from kvgen.runner import Runner
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen3
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,11 +41,11 @@ def test_graph_replays_give_the_eager_tokens(folder, monkeypatch):
     assert all(t.device.type == "cuda" for t in [*model.parameters(), *model.buffers()])
     recorded = []
     monkeypatch.setattr(graphs.GraphDecoder, "__init__", _counting(graphs.GraphDecoder.__init__, recorded))
-    eager = greedy(model, "static", cuda_graph=False)
+    eager = greedy(model, "static")  # the loop's plain decode
     assert not recorded
-    assert greedy(model, "static") == eager
+    assert greedy(model, "static", decoder=Runner().decoder) == eager  # the runner's: a CUDA graph
     assert len(recorded) == 1
-    assert greedy(model, "dynamic") == eager  # the dynamic cache is never recorded (it grows)
+    assert greedy(model, "dynamic", decoder=Runner().decoder) == eager  # never recorded (it grows)
     assert greedy(load_native(folder, torch.float32, "cpu"), "static") == eager
 
 

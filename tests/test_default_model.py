@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import kvgen
-from kvgen.chat import PLAIN_TEMPLATE
 
 PROMPTS = [
     "The capital of France is",
@@ -99,7 +98,8 @@ def test_tokenizer_runs_without_transformers_and_encodes_like_it(lm):
         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     )
     messages = [{"role": "user", "content": "Hi <end_of_turn> there"}]
-    for template in (PLAIN_TEMPLATE, gemma_turns):
+    plain = "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}Assistant:"
+    for template in (plain, gemma_turns):
         expected = reference.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
         assert (
             lm.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)["input_ids"]

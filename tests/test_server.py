@@ -43,17 +43,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model: Path, *args: str, log: Path) -> Iterator[str]:
+def running_server(model: Path | str, *args: str, log: Path, threads: int = 1) -> Iterator[str]:
     """`kvgen serve -m MODEL --dtype float32 ARGS` for the length of the block; yields its base URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared 2-core machine; one thread also repeats exactly
+    # A shared 2-core machine: tiny models gain nothing from a second thread; one thread also repeats exactly.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("KVGEN_API_KEY", None)
     with open(log, "w") as out:
         command = [sys.executable, "-m", "kvgen", "serve", "-m", str(model), "--dtype", "float32", "--port", str(port)]
         process = subprocess.Popen([*command, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # a real model may be converted first
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"kvgen serve exited with {process.returncode}:\n{log.read_text()}")
@@ -265,6 +266,74 @@ def test_bad_requests_get_openai_error_objects(url, model):
     assert_error(httpx.get(f"{url}/v1/nothing"), 404)
 
 
+COLOURS = {"type": "array", "items": {"enum": ["red", "green"]}, "minItems": 1, "maxItems": 3}
+PAIR = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "y": {"type": "boolean"}},
+    "required": ["x", "y"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_requests_in_one_batch_each_validate(client, model):
+    """Concurrent chat requests, streamed and not, each with its own schema, share the batch."""
+    import jsonschema
+
+    def ask(schema, stream, seed):
+        response_format = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+        kwargs = dict(model=model, messages=[{"role": "user", "content": PROMPTS[seed]}], max_tokens=100,
+                      temperature=1.0, seed=seed, response_format=response_format)  # fmt: skip
+        if not stream:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+            return choice.message.content, choice.finish_reason
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+    jobs = [(COLOURS, False), (PAIR, True), (PAIR, False), (COLOURS, True)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: ask(*job[1], job[0]), enumerate(jobs)))
+    for (schema, _), (text, finish_reason) in zip(jobs, answers):
+        assert finish_reason == "stop"
+        jsonschema.validate(json.loads(text), schema)
+    any_json = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=150,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(any_json.choices[0].message.content), dict)  # fmt: skip
+    completion = complete(
+        client, model, n_tokens=60, extra_body={"ignore_eos": False, "guided_grammar": 'start: "no" | "yes"'}
+    )
+    assert completion.choices[0].text in ("yes", "no")
+
+
+def test_structured_output_errors(url, model):
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+    def schema(s):
+        return {"type": "json_schema", "json_schema": {"name": "x", "schema": s}}
+
+    error = assert_error(post(url, "/v1/chat/completions", {**chat, "response_format": schema({"not": {}})}), 400,
+                         "response_format")  # fmt: skip
+    assert '"not"' in error["message"] and "cannot be enforced" in error["message"]
+    error = assert_error(post(url, "/v1/completions", {"model": model, "prompt": "a", "response_format": schema(
+        {"type": "string", "format": "phone"})}), 400, "response_format")  # fmt: skip
+    assert "phone" in error["message"]
+    for bad in ({"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": {}}}):
+        assert_error(post(url, "/v1/chat/completions", {**chat, "response_format": bad}), 400, "response_format")
+    both = {**chat, "response_format": {"type": "json_object"}, "ignore_eos": True}
+    assert_error(post(url, "/v1/chat/completions", both), 400, "ignore_eos")
+    assert_error(post(url, "/v1/completions", {"model": model, "prompt": "a", "guided_grammar": "start: nope"}), 400,
+                 "guided_grammar")  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    error = assert_error(post(url, "/v1/chat/completions", {**chat, "tools": tools}), 400, "tools")
+    assert "tool support" in error["message"]  # a template-less model cannot be given tools
+    assert_error(post(url, "/v1/chat/completions", {**chat, "tool_choice": "required"}), 400, "tool_choice")
+
+
 def test_openai_client_raises_the_documented_errors(client, model):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
@@ -327,6 +396,54 @@ def test_a_client_that_hangs_up_frees_its_row(url, model):
             break
     assert metric(url, 'requests_total{outcome="cancelled"}') == cancelled + 1
     assert metric(url, "generation_tokens_total") - generated < 240  # it did not run to the end
+
+
+def chromium():
+    """A headless Chromium driven by selenium."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
+        options.add_argument(flag)
+    return webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    )
+
+
+def playground_chat(url: str, questions: list[str], max_tokens: int = 24, timeout: float = 120) -> tuple[str, str]:
+    """Ask `questions` in turn in the playground's chat mode (greedy); returns (output text, stats line)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = chromium()
+    try:
+        driver.get(url + "/")
+        Select(driver.find_element(By.ID, "mode")).select_by_value("chat")
+        for field, value in (("temperature", "0"), ("max_tokens", str(max_tokens))):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        for question in questions:
+            box = driver.find_element(By.ID, "prompt")
+            box.clear()
+            box.send_keys(question)
+            driver.find_element(By.ID, "send").click()
+            wait = WebDriverWait(driver, timeout)
+            wait.until(lambda d: "prompt tokens" in d.find_element(By.ID, "stats").text)
+            wait.until(lambda d: not d.find_element(By.ID, "send").get_attribute("disabled"))
+        return driver.find_element(By.ID, "output").text, driver.find_element(By.ID, "stats").text
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(
+    not shutil.which("chromium") or not shutil.which("chromedriver"), reason="make test installs chromium"
+)
+def test_playground_chat_mode_keeps_the_conversation(url):
+    output, stats = playground_chat(url, ["It was the best of times", "Call me Ishmael"], max_tokens=8)
+    assert output.count("User: ") == 2 and "error" not in output
+    cached = int(re.search(r"\((\d+) cached\)", stats).group(1))
+    assert cached > 5  # the second turn reused the first one's tokens
 
 
 # Prompt-cache reuse -----------------------------------------------------------------------------
@@ -408,16 +525,10 @@ def test_schemathesis_finds_no_server_errors(url, tmp_path):
     not shutil.which("chromium") or not shutil.which("chromedriver"), reason="make test installs chromium"
 )
 def test_playground_streams_in_headless_chromium(url, tmp_path):
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=options, service=service)
+    driver = chromium()
     try:
         driver.get(url + "/")
         box = driver.find_element(By.ID, "prompt")

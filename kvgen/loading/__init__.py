@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..models import family
 from .gguf import is_gguf
+from .known import DEFAULT_NAME, KNOWN_MODELS, known_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,8 +33,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A model folder, a GGUF file (converted once into the kvgen cache, in `dtype`), or a hub id
-    already in the local Hugging Face cache (never downloaded)."""
+    """A model folder, a GGUF file (converted once into the kvgen cache, in `dtype`), the name of a
+    model kvgen knows offline (`kvgen models`), or a hub id already in the local Hugging Face cache
+    (never downloaded)."""
+    if str(name_or_path) == DEFAULT_NAME:
+        name_or_path = default_model()
+    elif str(name_or_path) in KNOWN_MODELS:
+        name_or_path = known_model_path(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if is_gguf(path):
         from .convert import convert_gguf

@@ -26,7 +26,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from ..chat import chat_template, render
+from ..grammar import json_schema_grammar, lark_grammar
 from ..sampling import SamplingParams
+from ..tools import call_grammar, choose, open_prefix, parse_calls, supports_tools, template_messages
 from .engine import Engine, EngineRequest, Event, Failed, QueueFull, Started, Token
 from .schemas import ChatRequest, CompletionRequest, unsupported
 
@@ -112,23 +114,71 @@ class Server:
             out.append(ids)
         return out
 
-    def chat_ids(self, body: ChatRequest) -> list[int]:
+    def chat_ids(self, body: ChatRequest, tools: list[dict] | None = None) -> list[int]:
         messages = []
         for m in body.messages:
             content = (
                 m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
             )
-            if content is None:
+            if content is None and not m.tool_calls:
                 raise APIError(400, "a message needs 'content'", param="messages")
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls:
+                message["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            messages.append(message)
         try:
+            messages = template_messages(messages)
             with self.encode_lock:
-                ids = render(self.lm, messages, self.template)
+                ids = render(self.lm, messages, self.template, tools)
         except Exception as e:  # the template's own raise_exception (e.g. roles must alternate)
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         if not ids:
             raise APIError(400, "the rendered conversation is empty", param="messages")
         return ids
+
+    def tools(self, body: ChatRequest) -> tuple[str, list[dict]]:
+        """(mode, callable tools) of a chat request; a 400 for bad tools or a template without tool support."""
+        try:
+            mode, callable_tools = choose(body.tools or None, body.tool_choice)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
+        if mode != "none" and not supports_tools(self.template):
+            raise APIError(
+                400,
+                f"the model {self.model_name} has no chat template with tool support (tools rendered and "
+                "<tool_call> syntax): it cannot be given tools",
+                param="tools",
+            )
+        return mode, callable_tools
+
+    async def grammar(self, body, tools: tuple[str, list[dict]] = ("none", [])) -> str | None:
+        """The grammar a request asks for (response_format, guided_grammar, or a required tool
+        call), checked against the model's tokenizer; a 400 naming what cannot be enforced."""
+        mode, callable_tools = tools
+        schema = response_format_schema(body.response_format)
+        lark = getattr(body, "guided_grammar", None)
+        given = [("response_format", schema), ("guided_grammar", lark), ("tools", mode if mode != "none" else None)]
+        wanted = [name for name, value in given if value is not None]
+        if len(wanted) > 1:
+            raise APIError(400, f"'{wanted[1]}' cannot be combined with '{wanted[0]}'", param=wanted[1])
+        if not wanted or mode == "auto":  # "auto" leaves the model free; its calls are read afterwards
+            return None
+        if body.ignore_eos:
+            raise APIError(400, "a constrained reply ends with EOS: ignore_eos cannot be set", param="ignore_eos")
+        try:
+            if mode == "required":
+                grammar = call_grammar(callable_tools, self.lm.tokenizer, body.parallel_tool_calls is not False)
+            elif lark is not None:
+                grammar = lark_grammar(lark)
+            else:
+                grammar = json_schema_grammar(schema)
+            # The first grammar builds the tokenizer's index (seconds for a large vocabulary): off the event loop.
+            await asyncio.to_thread(self.lm.constraints, 1, grammar=grammar)
+        except ValueError as e:
+            raise APIError(400, str(e), param=wanted[0]) from None
+        return grammar
 
     def max_tokens(self, asked: int | None, prompt_len: int, default: int | None, param: str) -> int:
         """What to generate: as asked, else `default`, else (and at most) the context left, as vLLM does."""
@@ -162,8 +212,17 @@ class Server:
 
     # Running -------------------------------------------------------------------------------------
 
-    def submit(self, body, prompts: list[list[int]], max_tokens: list[int], stop: list[str], **extra) -> list[Choice]:
-        """One engine request per prompt and choice (OpenAI's order: prompt-major), events into one queue."""
+    def submit(
+        self,
+        body,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        stop: list[str],
+        grammar: str | None = None,
+        **extra,
+    ) -> list[Choice]:
+        """One engine request per prompt and choice (OpenAI's order: prompt-major), events into one
+        queue; each with its own state of `grammar`, if one is given."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         n = body.n or 1
@@ -185,6 +244,7 @@ class Server:
                     body.frequency_penalty or 0.0,
                     stop,
                     not body.ignore_eos,
+                    constraint=None if grammar is None else self.lm.constraints(1, grammar=grammar)[0],
                     **extra,
                 )
                 choices.append(choice)
@@ -327,11 +387,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
             server.max_tokens(body.max_tokens, len(p), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens") for p in prompts
         ]
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        grammar = await server.grammar(body)
         choices = server.submit(
             body,
             prompts,
             max_tokens,
             stop,
+            grammar,
             logprobs=body.logprobs,
             prompt_logprobs=bool(body.echo and body.logprobs is not None),
         )
@@ -348,13 +410,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         check_unsupported(body)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        ids = server.chat_ids(body)
+        tools = server.tools(body)
+        grammar = await server.grammar(body, tools)
+        ids = server.chat_ids(body, body.tools if tools[0] != "none" else None)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = server.max_tokens(asked, len(ids), None, "max_completion_tokens")
         stop = ([body.stop] if isinstance(body.stop, str) else list(body.stop or [])) + server.template_stops
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        choices = server.submit(body, [ids], [max_tokens], stop, logprobs=logprobs)
-        reply = ChatReply(server, body, choices)
+        choices = server.submit(body, [ids], [max_tokens], stop, grammar, logprobs=logprobs)
+        reply = ChatReply(server, body, choices, tools)
         if body.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
         return await reply.collect()
@@ -379,6 +443,37 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     app.openapi = openapi
     return app
+
+
+def response_format_schema(response_format: dict | None) -> dict | bool | None:
+    """The JSON schema OpenAI's `response_format` asks for (None for plain text); a 400 if malformed."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text" and len(response_format) == 1:
+        return None
+    if kind == "json_object" and len(response_format) == 1:
+        return {"type": "object"}
+    spec = response_format.get("json_schema")
+    if kind == "json_schema" and isinstance(spec, dict) and set(response_format) == {"type", "json_schema"}:
+        if not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise APIError(400, "response_format.json_schema.name must be a non-empty string", param="response_format")
+        extra = set(spec) - {"name", "schema", "strict", "description"}
+        if extra:
+            raise APIError(400, f"response_format.json_schema: unknown field {sorted(extra)[0]!r}",
+                           param="response_format")  # fmt: skip
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, (dict, bool)):
+            raise APIError(
+                400, "response_format.json_schema.schema must be a JSON schema object", param="response_format"
+            )
+        return schema
+    raise APIError(
+        400,
+        "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}, 'strict': ...}}",
+        param="response_format",
+    )
 
 
 def check_unsupported(body) -> None:
@@ -525,12 +620,26 @@ class ChatReply(_Reply):
             return None
         return {"content": [self.token_logprob(t.token_id, t.logprob, t.top_logprobs) for t in tokens], "refusal": None}
 
+    def __init__(self, server: Server, body, choices: list[Choice], tools: tuple[str, list[dict]] = ("none", [])):
+        super().__init__(server, body, choices)
+        self.tool_mode, self.callable_tools = tools
+        self.parallel = body.parallel_tool_calls is not False
+        self.shown: dict[int, int] = {}  # per choice: characters of its text sent as content so far
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict], str | None]:
+        """(content, tool_calls, finish_reason) of a finished reply: its calls read, where tools were offered."""
+        if self.tool_mode == "none" or finish_reason != "stop":
+            return text, [], finish_reason
+        content, calls = parse_calls(text, self.callable_tools, self.parallel)
+        return (content, calls, "tool_calls") if calls else (text, [], finish_reason)
+
     def choice(self, c: Choice) -> dict:
+        content, calls, finish_reason = self.message(c.text, c.finish_reason)
         return {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text, "refusal": None, "tool_calls": []},
+            "message": {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls},
             "logprobs": self.logprobs(c.tokens),
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
         }
 
     def deltas(self, choice: Choice, event: Event) -> list[dict]:
@@ -543,6 +652,8 @@ class ChatReply(_Reply):
                     "finish_reason": None,
                 }
             ]
+        if self.tool_mode != "none":
+            return self.tool_deltas(choice, event)
         out = []
         if event.text or self.body.logprobs:
             logprobs = self.logprobs([event])
@@ -551,6 +662,28 @@ class ChatReply(_Reply):
             )
         if event.finish_reason:
             out.append({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason})
+        return out
+
+    def tool_deltas(self, choice: Choice, event: Token) -> list[dict]:
+        """Content as it comes, up to where a call may begin; at the end, each call as one
+        `delta.tool_calls` chunk (name and whole arguments), then finish_reason "tool_calls"."""
+        text, shown = choice.text, self.shown.get(choice.index, 0)
+        if event.finish_reason is None:
+            upto = open_prefix(text)
+        else:
+            content, calls, finish_reason = self.message(text, event.finish_reason)
+            upto = open_prefix(text) if calls else len(text)
+        out = []
+        if upto > shown:
+            self.shown[choice.index] = upto
+            delta = {"content": text[shown:upto]}
+            out.append({"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": None})
+        if event.finish_reason is None:
+            return out
+        for i, call in enumerate(calls):
+            delta = {"tool_calls": [{"index": i, **call}]}
+            out.append({"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": None})
+        out.append({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": finish_reason})
         return out
 
 

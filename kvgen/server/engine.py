@@ -27,6 +27,7 @@ from torch import Tensor
 from ..api import LM, _Row
 from ..cache import DynamicLayerCache, RowLayerCache
 from ..generate import decode_one, prefill
+from ..grammar import Constraint, mask_logits
 from ..sampling import SamplingParams, presence_frequency_penalty, sample_rows
 from .prefix_cache import PrefixCache
 
@@ -77,6 +78,7 @@ class EngineRequest:
     stop_at_eos: bool = True
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely ones
     prompt_logprobs: bool = False  # also score the prompt (completions' echo + logprobs); skips the prefix cache
+    constraint: Constraint | None = None  # a grammar the row's tokens must follow (kvgen.grammar)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -281,6 +283,7 @@ class Engine:
             r = a.request
             if a.counts is not None:
                 logits[i] = presence_frequency_penalty(logits[i], a.counts[0], r.presence_penalty, r.frequency_penalty)
+        logits = mask_logits(logits, [a.request.constraint for a in rows])  # each row its own grammar
         try:
             chosen = sample_rows(
                 logits, [a.request.params for a in rows], [a.generator for a in rows], [a.history for a in rows]
@@ -324,6 +327,8 @@ class Engine:
 
     def _take(self, a: _Active, token: int, logprob: float | None, top: TopLogprobs | None) -> None:
         a.generated.append(token)
+        if a.request.constraint is not None:
+            a.request.constraint.advance(token)
         response = a.text.add(token, last_step=len(a.generated) == a.request.max_tokens)
         finish = {"eos": "stop", "stop": "stop", "length": "length"}.get(response.finish_reason)
         if a.history is not None:
@@ -331,6 +336,8 @@ class Engine:
         if a.counts is not None:
             a.counts[0, token] += 1
         if finish is not None:  # freed before the client hears of it, so the next request finds the row
+            if a.request.constraint is not None:
+                a.request.constraint.done = True
             self._release(a, "finished")
         a.request.emit(Token(token, response.text, logprob, top, finish))
 

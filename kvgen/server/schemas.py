@@ -3,7 +3,7 @@
 Wrong types are refused, never coerced (`strict`), and so are unknown fields, as OpenAI's API
 does ("Unrecognized request argument supplied"). Fields OpenAI knows that change nothing here
 (`user`, `store`, `metadata`, ...) are accepted and ignored; fields whose effect this server does
-not provide (`logit_bias`, `tools`, `suffix`, ...) are accepted only at their neutral value and
+not provide (`logit_bias`, `suffix`, ...) are accepted only at their neutral value and
 refused otherwise (`unsupported`), so a request is never silently misread.
 """
 
@@ -48,6 +48,8 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text, texts, token ids")
+    response_format: dict[str, Any] | None = Field(None, description="as in chat: json_object or json_schema")
+    guided_grammar: str | None = Field(None, description="vLLM's: a Lark grammar (llguidance's dialect)")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = False
     suffix: str | None = None  # unsupported
@@ -62,9 +64,11 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result's call
 
 
 class ChatRequest(_Sampling):
@@ -75,10 +79,10 @@ class ChatRequest(_Sampling):
     store: bool | None = None  # ignored: nothing is stored
     metadata: dict[str, str] | None = None  # ignored
     service_tier: str | None = None  # ignored
-    parallel_tool_calls: bool | None = None  # ignored without tools
-    tools: list[dict[str, Any]] | None = None  # unsupported unless empty
-    tool_choice: str | dict[str, Any] | None = None  # only "none"
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    parallel_tool_calls: bool | None = None  # default true
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {...}}]
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or a named function
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema
     modalities: list[str] | None = None  # only ["text"]
 
 
@@ -88,9 +92,6 @@ def unsupported(body: _Sampling) -> tuple[str, str] | None:
         ("logit_bias", bool(body.logit_bias)),
         ("suffix", getattr(body, "suffix", None) is not None),
         ("best_of", getattr(body, "best_of", None) not in (None, body.n or 1)),
-        ("tools", bool(getattr(body, "tools", None))),
-        ("tool_choice", getattr(body, "tool_choice", None) not in (None, "none")),
-        ("response_format", getattr(body, "response_format", None) not in (None, {"type": "text"})),
         ("modalities", getattr(body, "modalities", None) not in (None, ["text"])),
     ]
     for name, refused in checks:
