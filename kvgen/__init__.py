@@ -80,6 +80,6 @@ def load(
     else:
         net = load_native(folder, dtype, device)
         gguf = Path(source).expanduser() if is_gguf(source) else None
-        runner = prepare(net, gguf, dtype, device, quantize)
+        runner = prepare(net, folder, gguf, dtype, device, quantize)
     eos = _eos_token_ids(folder, tokenizer)
     return LM(net, tokenizer, backend, folder, eos, time.perf_counter() - start, runner)

@@ -15,6 +15,7 @@ from .api import BACKENDS, Result
 from .cache import CACHE_KINDS, check_sink, make_cache
 from .loading import DTYPES
 from .sampling import SamplingParams
+from .quant import KINDS
 from .runner import QUANTIZE
 from .trace import check_output
 from .speculative import SPECULATIVE_METHODS, check_speculative
@@ -544,10 +545,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .loading.convert import convert_gguf
-    from .loading.dtype import resolve_dtype
+    """A GGUF into the kvgen cache (and its quantized weights, as a load makes them); a float
+    checkpoint's weights quantized with --quantize. Prints what it made."""
+    import kvgen
 
-    print(convert_gguf(args.src, resolve_dtype(args.dtype, quantized=True)))  # the dtype a load of it uses
+    from .loading.gguf import is_gguf
+
+    if not is_gguf(args.src) and args.quantize is None:
+        raise ValueError(f"{args.src}: not a GGUF file; a model folder is quantized with --quantize int4|int8")
+    lm = kvgen.load(args.src, dtype=args.dtype, quantize=args.quantize or "auto")
+    if lm.runner.quantized in (None, "gguf"):
+        print(lm.path)  # the converted folder; a GGUF's quantized weights are stored beside it in the cache
+    else:
+        from .runner import quantized_store
+
+        print(quantized_store(lm.path, lm.runner.quantized, lm.dtype))
     return 0
 
 
@@ -702,9 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the comparison")
     p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("convert", help="convert a GGUF file into a model folder in the kvgen cache; print its path")
-    p.add_argument("src", help="GGUF file")
+    p = sub.add_parser(
+        "convert", help="prepare a GGUF (or quantize a model folder) into the kvgen cache now; print the path"
+    )
+    p.add_argument("src", help="GGUF file, or model folder with --quantize")
     _add_dtype_arg(p)
+    p.add_argument("--quantize", choices=KINDS, default=None, help="quantize a float checkpoint's weights: int4 or int8")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", help="architecture, parameters, context length, dtype and folder of a model")

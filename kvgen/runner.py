@@ -18,7 +18,8 @@ from torch import nn
 from . import fast, graphs
 from .cache import LayerCache
 from .generate import Decode, plain_decoder
-from .loading import return_freed_memory
+from .loading import return_freed_memory, weight_files
+from .loading.blocks import checkpoint_store_path, read_quantized, stored
 from .loading.dtype import packing_pays, quantized_pays
 from .quant import KINDS, quantize_linears, swap_in
 
@@ -40,18 +41,26 @@ class Runner:
         return decode
 
 
+def quantized_store(folder: Path, kind: str, dtype: torch.dtype) -> Path:
+    """Where the float checkpoint in `folder`, quantized to `kind` for `dtype`, is kept."""
+    return checkpoint_store_path(weight_files(folder), kind, dtype)
+
+
 def check_quantize(quantize: str) -> None:
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of: {', '.join(QUANTIZE)}")
 
 
-def prepare(model: nn.Module, source: Path | None, dtype: torch.dtype, device: torch.device | str, quantize: str) -> Runner:
-    """Give a freshly loaded float model its fast weights, in place, and return its runner.
+def prepare(
+    model: nn.Module, folder: Path, gguf: Path | None, dtype: torch.dtype, device: torch.device | str, quantize: str
+) -> Runner:
+    """Give a freshly loaded float model (from `folder`, converted from `gguf` if that is given) its
+    fast weights, in place, and return its runner.
 
-    `source` is the GGUF it came from, if any. `quantize`: "auto" keeps a GGUF's quantized weights
-    quantized where this machine's kernels pay; "int4" or "int8" quantizes (a float checkpoint's
-    weights; a GGUF's blocks are what they are); "none" is the float reference path: plain
-    modules, the dequantized weights, nothing fused or packed.
+    `quantize`: "auto" keeps a GGUF's quantized weights quantized where this machine's kernels pay;
+    "int4" or "int8" quantizes a float checkpoint's weights (kept in the kvgen cache: `kvgen convert
+    --quantize` makes them ahead), while a GGUF's blocks are what they are; "none" is the float
+    reference path: plain modules, the dequantized weights, nothing fused or packed.
     """
     check_quantize(quantize)
     if quantize == "none":
@@ -60,13 +69,11 @@ def prepare(model: nn.Module, source: Path | None, dtype: torch.dtype, device: t
     on_cpu = torch.device(device).type == "cpu"
     if quantize in KINDS and not on_cpu:
         raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
-    if source is not None and on_cpu and (quantize in KINDS or quantized_pays(dtype, device)):
-        from .loading.blocks import read_quantized
-
-        swap_in(model, read_quantized(source, dtype))
+    if gguf is not None and on_cpu and (quantize in KINDS or quantized_pays(dtype, device)):
+        swap_in(model, read_quantized(gguf, dtype))
         quantized = "gguf"
-    elif source is None and quantize in KINDS:
-        swap_in(model, quantize_linears(model, quantize))
+    elif gguf is None and quantize in KINDS:
+        swap_in(model, stored(quantized_store(folder, quantize, dtype), lambda: quantize_linears(model, quantize)))
         quantized = quantize
     fast.speed_up(model, pack_weights=packing_pays(dtype, device))
     return_freed_memory()  # the scratch copies that fusing and packing freed

@@ -105,7 +105,7 @@ def kvgen_runner(folder: Path, device: str, cache_kind: str):
     from kvgen.runner import prepare
 
     model = load_native(folder, torch.bfloat16, device)
-    runner = prepare(model, None, torch.bfloat16, device, "auto")  # as kvgen.load does: CUDA graphs on a GPU
+    runner = prepare(model, folder, None, torch.bfloat16, device, "auto")  # as kvgen.load does: CUDA graphs on a GPU
 
     def run(ids: list[int], n: int, on_token) -> list[int]:
         out = []

@@ -709,8 +709,10 @@ def test_unwritable_cache_is_one_clear_error(sources, tmp_path, monkeypatch, cap
     monkeypatch.setenv("KVGEN_CACHE", str(blocker / "cache"))  # a folder inside a file cannot exist
     with pytest.raises(ValueError, match="cannot write to the kvgen cache folder .* set KVGEN_CACHE"):
         kvgen.load(path, dtype="float32")
+    capsys.readouterr()  # what building the source checkpoint printed
     assert main(["convert", str(path)]) == 2
-    assert capsys.readouterr().err.startswith("kvgen: error: cannot write to the kvgen cache folder")
+    err = capsys.readouterr().err
+    assert err.startswith("kvgen: error: cannot write to the kvgen cache folder"), err
 
 
 # --- the command line -------------------------------------------------------------------------------
@@ -732,6 +734,22 @@ def test_cli_convert_and_info(sources, cache, tmp_path, capsys):
     assert main(["info", str(src)]) == 0  # a plain folder: its own path, no conversion
     out = capsys.readouterr().out
     assert str(src) in out and "converted from" not in out and "float32" in out
+
+
+def test_cli_convert_quantizes_a_float_checkpoint_once(sources, cache, tmp_path, monkeypatch, capsys):
+    import kvgen.runner
+
+    src = sources("llama")
+    assert main(["convert", str(src), "--quantize", "int8", "--dtype", "float32"]) == 0
+    store = Path(capsys.readouterr().out.strip())
+    assert store.is_file() and store.parent == cache / "quantized"
+    first = kvgen.load(src, dtype="float32", quantize="int8")
+    monkeypatch.setattr(kvgen.runner, "quantize_linears", lambda *args: pytest.fail("quantized again"))
+    again = kvgen.load(src, dtype="float32", quantize="int8")
+    assert again.runner.quantized == "int8" and torch.equal(again.model.lm_head.q, first.model.lm_head.q)
+    assert main(["convert", str(src)]) == 2  # a folder needs --quantize
+    err = capsys.readouterr().err
+    assert "not a GGUF file" in err and "--quantize int4|int8" in err and err.count("\n") == 1
 
 
 def test_progress_bar_on_a_terminal(sources, cache, tmp_path, monkeypatch, capsys):

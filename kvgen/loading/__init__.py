@@ -127,6 +127,12 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint's weight files: its safetensors, else pytorch_model.bin (none if neither)."""
+    files = sorted(folder.glob("*.safetensors"))
+    return files or [f for f in [folder / "pytorch_model.bin"] if f.is_file()]
+
+
 def read_weights(folder: Path) -> dict[str, Tensor]:
     """Every tensor of a checkpoint, memory-mapped: nothing is read until it is used."""
     files = sorted(folder.glob("*.safetensors"))

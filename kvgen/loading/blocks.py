@@ -170,19 +170,36 @@ def quantize_file(path: Path, dtype: torch.dtype) -> dict[str, QuantLinear]:
 
 def read_quantized(path: Path, dtype: torch.dtype) -> dict[str, QuantLinear]:
     """The GGUF's quantized weights by name: from the store (memory-mapped), else made (then stored)."""
+    return stored(store_path(path, dtype), lambda: quantize_file(path, dtype))
+
+
+def stored(store: Path, make) -> dict[str, QuantLinear]:
+    """QuantLinears by name from the safetensors `store` (memory-mapped); where it is missing or
+    unreadable, `make()` them and store them (a store we cannot write only means making them again)."""
     from safetensors.torch import load_file
 
     from . import save_tensors
 
-    store = store_path(path, dtype)
     try:
         tensors = load_file(store)
     except Exception:  # missing, or unreadable: made again
-        made = quantize_file(path, dtype)
+        made = make()
         save_tensors(store, {f"{name}.{k}": t for name, m in made.items() for k, t in m.state_dict().items()})
-        return made  # a store we cannot write only means quantizing again next time
+        return made
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         name, part = key.rsplit(".", 1)
         parts.setdefault(name, {})[part] = t
     return {name: QuantLinear("int4" if "packed" in p else "int8", p) for name, p in parts.items()}
+
+
+def checkpoint_store_path(weight_files: list[Path], kind: str, dtype: torch.dtype) -> Path:
+    """Where a float checkpoint's weights quantized to `kind` are kept, by the files' content."""
+    import hashlib
+
+    from .convert import cache_root, content_key
+
+    key = hashlib.sha256(" ".join(content_key(f) for f in sorted(weight_files)).encode()).hexdigest()[:20]
+    layout = "int4" if int4_available() else "int8"
+    name = f"{key}-{kind}-{str(dtype).removeprefix('torch.')}-{layout}-v{STORE_VERSION}.safetensors"
+    return cache_root() / "quantized" / name
