@@ -62,6 +62,8 @@ def load(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     check_quantize(quantize)
+    if backend == "hf" and quantize in KINDS:
+        raise ValueError(f"quantize={quantize!r} needs the native backend: transformers runs the float weights")
     start = time.perf_counter()
     source = default_model() if model is None else model
     quantized = backend == "native" and (quantize in KINDS or (quantize == "auto" and is_gguf(source)))

@@ -60,6 +60,7 @@ BAD = {
     "not a number": (["generate", "hi", "-m", "{model}", "-n", "many"], "not a whole number"),
     "no command": ([], "required"),
     "unknown quantization": (["generate", "hi", "-m", "{model}", "--quantize", "int3"], "invalid choice: 'int3'"),
+    "quantized transformers": (["generate", "hi", "-m", "{model}", "--backend", "hf", "--quantize", "int8"], "needs the native backend"),
     "quantized on a GPU": (["generate", "hi", "-m", "{model}", "--quantize", "int4", "--device", "meta"], "CPU kernels only"),
 }
 
