@@ -38,6 +38,18 @@ def _eos_token_ids(folder: Path, tokenizer) -> list[int]:
     return []
 
 
+def _checked_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a one-line ValueError: unknown, or CUDA where there is none."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {str(device)!r}: {why} (torch {torch.__version__})")
+    return checked
+
+
 def load(
     model: str | Path | None = None,
     dtype: str | torch.dtype = "auto",
@@ -62,6 +74,7 @@ def load(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     check_quantize(quantize)
+    device = _checked_device(device)
     if backend == "hf" and quantize in KINDS:
         raise ValueError(f"quantize={quantize!r} needs the native backend: transformers runs the float weights")
     start = time.perf_counter()

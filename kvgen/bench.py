@@ -460,7 +460,7 @@ def measure_all(base: dict, batches: dict[str, list[int]], repeats: int) -> list
                 continue
             if batch != current:
                 current = batch
-                rounds = f"a warm-up each, then {repeats} rounds taking turns"
+                rounds = f"a warm-up each, then {repeats} round{'s' * (repeats != 1)} taking turns"
                 print(f"kvgen bench: batch {batch}: {rounds} ...", file=sys.stderr, flush=True)
             # The warm-up runs at the timed prompt length (kernel choice, first-touch pages).
             time.sleep(SETTLE_S)

@@ -18,6 +18,8 @@ from .sampling import SamplingParams
 from .quant import KINDS
 from .runner import QUANTIZE
 from .trace import check_output
+
+SINK_TOKENS = 4  # the sink cache's first tokens kept, unless --sink-tokens says otherwise
 from .speculative import SPECULATIVE_METHODS, check_speculative
 
 
@@ -26,6 +28,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvgen")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +67,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: s
         help="model folder, GGUF file, or hub id in the local Hugging Face cache (default: the embedded Gemma 3 270M)",
     )
     _add_dtype_arg(p, dtype)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument(
         "--quantize",
         choices=QUANTIZE,
@@ -67,7 +78,9 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: s
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N")
+    p.add_argument(
+        "-n", "--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N", help=f"default {max_new_tokens}"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -77,7 +90,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the text")
     p.add_argument("--ignore-eos", action="store_true", help="generate through EOS tokens")
     p.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="sink: run past the context (rotary models)")
-    p.add_argument("--sink-tokens", type=int, default=4, metavar="N", help="with --cache sink: first tokens kept")
+    p.add_argument(
+        "--sink-tokens", type=int, default=SINK_TOKENS, metavar="N", help=f"with --cache sink: first tokens kept (default {SINK_TOKENS})"
+    )
     p.add_argument(
         "--window",
         type=int,
@@ -113,6 +128,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     if args.cache == "sink":
         check_sink(args.sink_tokens, 1 if args.window is None else args.window)
         kwargs.update(sink_tokens=args.sink_tokens, window=args.window)
+    elif args.window is not None or args.sink_tokens != SINK_TOKENS:
+        raise ValueError("--window and --sink-tokens shape the sink cache: add --cache sink")
     return kwargs
 
 
@@ -567,7 +584,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .loading import default_model, model_info
     from .loading.dtype import resolve_dtype
 
-    info = model_info(args.model or default_model(), resolve_dtype(args.dtype))
+    if args.model and args.model_option and args.model != args.model_option:
+        raise ValueError("name the model once: as MODEL or as -m, not both")
+    info = model_info(args.model or args.model_option or default_model(), resolve_dtype(args.dtype))
     info["parameters"] = f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"
     info["context_length"] = f"{info['context_length']:,} tokens" if info["context_length"] else "?"
     for key, value in info.items():
@@ -598,6 +617,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvgen", description="Generate text with a causal language model.")
+    parser.add_argument("--version", action="version", version=f"kvgen {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("generate", help="stream a continuation of PROMPT")
@@ -726,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model", nargs="?", default=None, help="model folder, GGUF file or hub id (default: the bundled Gemma 3 270M)"
     )
+    p.add_argument("-m", "--model", dest="model_option", default=None, help="the same, as other commands take it")
     _add_dtype_arg(p)
     p.set_defaults(run=cmd_info)
 

@@ -36,6 +36,29 @@ def test_generate_with_quantized_weights(cli, gpt2_tiny):
     assert len(json.loads(out_q)["token_ids"]) == 12
 
 
+def test_version_defaults_and_info_by_option(cli, gpt2_tiny):
+    from importlib.metadata import version
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == f"kvgen {version('kvgen')}"
+    code, out, _ = cli("generate", "--help")
+    assert code == 0 and "default 64" in out  # -n's default, as each command sets it
+    code, out, _ = cli("chat", "--help")
+    assert "default 256" in out
+    code, by_option, _ = cli("info", "-m", gpt2_tiny)
+    code_positional, positional, _ = cli("info", gpt2_tiny)
+    assert code == code_positional == 0 and by_option == positional and "gpt2" in by_option
+
+
+def test_cuda_without_a_gpu_is_one_line(cli, gpt2_tiny):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code, _, err = cli("generate", "hi", "-m", gpt2_tiny, "--device", "cuda")
+    assert code == 2 and err.startswith("kvgen: error: device 'cuda': ") and err.count("\n") == 1, err
+
+
 def test_compare_reports_identical(cli, gpt2_tiny):
     code, out, _ = cli("compare", "It was the best", "-m", gpt2_tiny, "-n", 48, "--ignore-eos", "--json")
     doc = json.loads(out)
@@ -60,6 +83,10 @@ BAD = {
     "not a number": (["generate", "hi", "-m", "{model}", "-n", "many"], "not a whole number"),
     "no command": ([], "required"),
     "unknown quantization": (["generate", "hi", "-m", "{model}", "--quantize", "int3"], "invalid choice: 'int3'"),
+    "unknown device": (["generate", "hi", "-m", "{model}", "--device", "bogus"], "unknown device 'bogus'"),
+    "window without the sink cache": (["generate", "hi", "-m", "{model}", "--window", "8"], "add --cache sink"),
+    "sink tokens without the sink cache": (["generate", "hi", "-m", "{model}", "--sink-tokens", "2"], "add --cache sink"),
+    "info named twice": (["info", "{model}", "-m", "{tmp}"], "name the model once"),
     "quantized transformers": (["generate", "hi", "-m", "{model}", "--backend", "hf", "--quantize", "int8"], "needs the native backend"),
     "quantized on a GPU": (["generate", "hi", "-m", "{model}", "--quantize", "int4", "--device", "meta"], "CPU kernels only"),
 }
