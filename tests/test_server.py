@@ -506,6 +506,33 @@ def test_full_queue_answers_429(guarded, model):
     assert_error(next(r for r in statuses if r.status_code == 429), 429)["code"] == "rate_limit_exceeded"
 
 
+def test_auth_scheme_is_case_insensitive_the_key_is_not(guarded):
+    assert httpx.get(f"{guarded}/v1/models", headers={"Authorization": "bearer sesame"}).status_code == 200
+    assert_error(httpx.get(f"{guarded}/v1/models", headers={"Authorization": "Bearer SESAME"}), 401)
+
+
+def test_a_request_larger_than_the_queue_is_400_not_429(guarded, model):
+    """429 tells a client to retry (the openai client does, for ever): a request that can never be
+    queued is the client's to change."""
+    body = {"model": model, "prompt": [PROMPT, PROMPT, PROMPT], "max_tokens": 2}
+    error = assert_error(post(guarded, "/v1/completions", body, headers={"Authorization": "Bearer sesame"}), 400)
+    assert "queues at most 1" in error["message"] and error["param"] == "prompt"
+
+
+def test_a_lone_surrogate_is_400_and_the_connection_lives_on(url, model):
+    with httpx.Client(base_url=url, timeout=60) as http:
+        raw = '{"model": "%s", "prompt": "a\\ud800b", "max_tokens": 2}' % model
+        error = assert_error(http.post("/v1/completions", content=raw), 400, param="prompt")
+        assert "lone surrogate" in error["message"]
+        chat = '{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}' % model
+        assert_error(http.post("/v1/chat/completions", content=chat), 400, param="messages")
+        assert http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_favicon_is_no_content(url):
+    assert httpx.get(f"{url}/favicon.ico").status_code == 204
+
+
 # Fuzzing and the playground ---------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..chat import chat_template, render
@@ -103,6 +103,7 @@ class Server:
         out = []
         for p in prompt:
             if isinstance(p, str):
+                check_text(p, "prompt")
                 with self.encode_lock:
                     ids = self.lm.tokenizer.encode(p) if p else []
             else:
@@ -122,6 +123,8 @@ class Server:
             )
             if content is None and not m.tool_calls:
                 raise APIError(400, "a message needs 'content'", param="messages")
+            if content is not None:
+                check_text(content, "messages")
             message = {"role": "system" if m.role == "developer" else m.role, "content": content}
             if m.tool_calls:
                 message["tool_calls"] = m.tool_calls
@@ -226,6 +229,13 @@ class Server:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         n = body.n or 1
+        if len(prompts) * n > self.engine.max_queue:  # could never be queued: retrying cannot help
+            raise APIError(
+                400,
+                f"this request asks for {len(prompts) * n} completions; this server queues at most "
+                f"{self.engine.max_queue} (--max-queue)",
+                param="n" if n > 1 else "prompt",
+            )
         choices = []
         for p, ids in enumerate(prompts):
             for j in range(n):
@@ -317,6 +327,14 @@ def server_error(message: str) -> APIError:
     return APIError(500, f"The server had an error while processing your request: {message}", "server_error")
 
 
+def check_text(text: str, param: str) -> None:
+    """A 400 for text that is not Unicode a tokenizer can take: a lone surrogate (JSON's "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode text: a lone surrogate at character {e.start}", param=param) from None
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI application; the engine thread starts and stops with it."""
     server = Server(engine, model_name)
@@ -333,8 +351,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # the scheme is case-insensitive (RFC 9110), the key is not
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
                 return APIError(401, "Incorrect API key provided.", code="invalid_api_key").response()
         if request.method == "POST":  # bodies are JSON whatever the Content-Type says (`curl -d` says a form)
             headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
@@ -426,6 +445,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(prometheus_text(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for one; the playground has none: "no content", not a 404
+        return Response(status_code=204)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
