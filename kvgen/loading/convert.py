@@ -4,7 +4,8 @@
       gemma-3-270m-q4_k_m-1f0c…-float32/   config.json, model.safetensors, tokenizer.json,
                                            tokenizer_config.json, generation_config.json,
                                            kvgen_conversion.json (where it came from)
-      screened-heads/<key>.safetensors     int8 copies of LM heads (kvgen.screen)
+      quantized/<key>-….safetensors        weights as kvgen's int4/int8 kernels read them (kvgen.quant)
+      models/<name>.gguf                   models known by name, assembled from their packages
 
 The folder is keyed by the file's content and the dtype, so a renamed or moved file still hits it
 and a changed one does not. It is written under a temporary name in the cache folder and renamed
