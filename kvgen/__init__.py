@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .api import BACKENDS, LM, Response, Result, Timings
-from .loading import default_model, load_native, read_config, resolve_model, return_freed_memory
+from .loading import default_model, load_native, model_source, read_config, resolve_model, return_freed_memory
 from .loading.dtype import resolve_dtype
 from .loading.gguf import is_gguf
 from .loading.tokenizer import load_tokenizer
@@ -78,7 +78,7 @@ def load(
     if backend == "hf" and quantize in KINDS:
         raise ValueError(f"quantize={quantize!r} needs the native backend: transformers runs the float weights")
     start = time.perf_counter()
-    source = default_model() if model is None else model
+    source = model_source(default_model() if model is None else model)  # a known name: its GGUF
     quantized = backend == "native" and (quantize in KINDS or (quantize == "auto" and is_gguf(source)))
     dtype = resolve_dtype(dtype, device, quantized)
     folder = resolve_model(source, dtype)  # first: a missing model is its own error

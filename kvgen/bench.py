@@ -584,7 +584,7 @@ def _mark_same_tokens(results: list[dict]) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """`kvgen bench`: run kvgen and each peer in turn, print the table, write JSON and the plot."""
-    from .loading import default_model
+    from .loading import default_model, model_source
     from .loading.dtype import resolve_dtype
     from .loading.gguf import is_gguf
     from .trace import check_output, save_figure, write_atomic
@@ -593,7 +593,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--new-tokens must be at least 2: decode speed is timed from the first token to the last")
     check_output(args.json)
     check_output(args.plot, ".png")
-    source = Path(args.model).expanduser() if args.model else default_model()
+    source = Path(model_source(args.model)).expanduser() if args.model else default_model()
     gguf = is_gguf(source)
     dtype = str(resolve_dtype(args.dtype, quantized=gguf)).removeprefix("torch.")  # as kvgen.load chooses it
     folder, load_note = _model_folder(source, dtype, gguf)

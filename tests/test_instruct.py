@@ -94,6 +94,14 @@ def qwen(threads):
     return kvgen.load(QWEN)
 
 
+def test_a_known_name_loads_as_its_gguf_does(qwen):
+    """By name, the instruct model gets the default path of its GGUF: its own 4-8-bit weights on the
+    int kernels wherever this CPU runs those faster (kvgen.runner), not a float copy."""
+    from kvgen.loading.dtype import quantized_pays
+
+    assert qwen.runner.quantized == ("gguf" if quantized_pays(qwen.dtype) else None)
+
+
 @pytest.fixture(scope="module")
 def gemma(threads, gemma270m):
     return kvgen.load(gemma270m[1])

@@ -32,14 +32,21 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}") from None
 
 
+def model_source(name_or_path: str | Path) -> str | Path:
+    """The file behind a name kvgen knows offline (the default's, `kvgen models`'), assembled if it
+    must be; anything else as given."""
+    if str(name_or_path) == DEFAULT_NAME:
+        return default_model()
+    if str(name_or_path) in KNOWN_MODELS:
+        return known_model_path(str(name_or_path))
+    return name_or_path
+
+
 def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """A model folder, a GGUF file (converted once into the kvgen cache, in `dtype`), the name of a
     model kvgen knows offline (`kvgen models`), or a hub id already in the local Hugging Face cache
     (never downloaded)."""
-    if str(name_or_path) == DEFAULT_NAME:
-        name_or_path = default_model()
-    elif str(name_or_path) in KNOWN_MODELS:
-        name_or_path = known_model_path(str(name_or_path))
+    name_or_path = model_source(name_or_path)
     path = Path(name_or_path).expanduser()
     if is_gguf(path):
         from .convert import convert_gguf
