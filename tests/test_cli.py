@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def test_generate_json_has_exactly_n_tokens(cli, gpt2_tiny):
@@ -50,11 +51,8 @@ def test_version_defaults_and_info_by_option(cli, gpt2_tiny):
     assert code == code_positional == 0 and by_option == positional and "gpt2" in by_option
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 def test_cuda_without_a_gpu_is_one_line(cli, gpt2_tiny):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA GPU")
     code, _, err = cli("generate", "hi", "-m", gpt2_tiny, "--device", "cuda")
     assert code == 2 and err.startswith("kvgen: error: device 'cuda': ") and err.count("\n") == 1, err
 

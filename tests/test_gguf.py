@@ -765,6 +765,10 @@ def test_progress_bar_on_a_terminal(sources, cache, tmp_path, monkeypatch, capsy
 # --- the GGUF's own values on int4/int8 kernels (kvgen.quant, kvgen.loading.blocks) --------------
 
 
+# Where torch's CPU int4 kernel is missing or packs another way, GGUFs run dequantized: nothing to test.
+needs_int4 = pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+
+
 def quantized_weight(qtype: str, rows: int = 64, cols: int = 512, seed: int = 3, dtype=torch.float32):
     """A random GGUF weight of `qtype` -> (its QuantLinear, gguf's own float32 dequantization)."""
     qt = Q[qtype]
@@ -773,7 +777,7 @@ def quantized_weight(qtype: str, rows: int = 64, cols: int = 512, seed: int = 3,
     return to_quant(qtype, blocks.reshape(rows, -1), (rows, cols), dtype), want
 
 
-@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@needs_int4
 @pytest.mark.parametrize("qtype", sorted(DECODERS))
 def test_quantized_weights_hold_the_files_values(qtype):
     """Every type with groups of 32 keeps its values (float32 rounding apart): as one int4 term for
@@ -791,7 +795,7 @@ def test_quantized_weights_hold_the_files_values(qtype):
     assert torch.equal(got.rows(ids), got.dequantize()[ids])  # the embedding lookup reads the same values
 
 
-@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@needs_int4
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_products_match_the_dequantized_weight(qtype, dtype):
@@ -805,7 +809,7 @@ def test_kernel_products_match_the_dequantized_weight(qtype, dtype):
         assert ((y - want).abs().max() / want.abs().max()).item() < tolerance, shape
 
 
-@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@needs_int4
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "int8"])
 def test_a_rows_product_does_not_depend_on_its_batch(qtype):
     """What makes greedy tokens batch-invariant on this path: each row of a decode step gets the
@@ -820,9 +824,8 @@ def test_a_rows_product_does_not_depend_on_its_batch(qtype):
         assert torch.equal(got(x[i : i + 1]), together[i : i + 1]), i
 
 
+@needs_int4
 def test_pack_layout_is_the_kernels():
-    if not int4_available():
-        pytest.skip("this torch build has no CPU int4 kernel in the known layout")
     u = torch.randint(0, 16, (128, 96), dtype=torch.int32)
     assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), pack_int4(u))
     assert torch.equal(unpack_int4(pack_int4(u)), u.to(torch.uint8))
@@ -832,7 +835,7 @@ def test_pack_layout_is_the_kernels():
 MIXED = {"blk.0.attn_k.weight": Q.Q5_0, "blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_up.weight": Q.Q5_1}
 
 
-@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@needs_int4
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_quantized_path_gives_the_float32_reference_tokens(arch, sources, cache, tmp_path):
     """In float32 the quantized path computes with the file's exact values: the reference's greedy
@@ -858,7 +861,7 @@ def test_quantized_path_gives_the_float32_reference_tokens(arch, sources, cache,
     assert greedy(lm.model, prompts) == alone
 
 
-@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+@needs_int4
 def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path):
     """kvgen's default on a fast CPU: bfloat16 over the quantized weights. A batch's greedy rows are
     the rows run alone (decode kernels compute each row the same way whatever the batch)."""
@@ -870,11 +873,10 @@ def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path)
     assert together == [steps([p])[0].tolist() for p in prompts]
 
 
+@needs_int4
 def test_quantized_weights_are_made_once_into_the_cache(sources, cache, tmp_path, monkeypatch):
     from kvgen.loading import blocks as blocks_module
 
-    if not int4_available():
-        pytest.skip("this torch build has no CPU int4 kernel in the known layout")
     path = write_gguf(sources("llama"), tmp_path / "m.gguf", Q.Q8_0)
     first = kvgen.load(path, dtype="float32", quantize="int4").model.lm_head
     store = blocks_module.store_path(path, torch.float32)
