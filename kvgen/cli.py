@@ -39,14 +39,18 @@ def _version() -> str:
         return "unknown"
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    return _positive_int(text, least=0)
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -610,7 +614,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(
         args.model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.dtype, args.device,
-        args.served_model_name, args.prompt_cache_mb, args.quantize,
+        args.served_model_name, args.prompt_cache_mb, args.quantize, args.max_tokens_limit or None, args.prefill_chunk,
     )  # fmt: skip
     return 0
 
@@ -762,6 +766,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $KVGEN_API_KEY)")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send (default: -m)")
     p.add_argument("--prompt-cache-mb", type=float, default=256, metavar="MB", help="prefix KV kept (0 = off)")
+    p.add_argument(
+        "--max-tokens-limit", type=_count, default=4096, metavar="N",
+        help="tokens one request may generate, at most; also the default when a chat request names none (default 4096, 0 = the context)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill-chunk", type=_positive_int, default=256, metavar="N",
+        help="prompts are computed in chunks of N positions, and the prompt cache reuses whole chunks (default 256)",
+    )  # fmt: skip
     p.set_defaults(run=cmd_serve)
     return parser
 

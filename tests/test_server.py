@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import openai
 import pytest
 
 import kvgen
+from kvgen.server import GRACE_SECONDS
 
 PROMPT = "It was the best of times"
 PROMPTS = [
@@ -45,6 +47,13 @@ def free_port() -> int:
 @contextmanager
 def running_server(model: Path | str, *args: str, log: Path, threads: int = 1) -> Iterator[str]:
     """`kvgen serve -m MODEL --dtype float32 ARGS` for the length of the block; yields its base URL."""
+    with server_process(model, *args, log=log, threads=threads) as (_, url):
+        yield url
+
+
+@contextmanager
+def server_process(model: Path | str, *args: str, log: Path, threads: int = 1) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`kvgen serve`, as `running_server`: yields the process too."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # A shared 2-core machine: tiny models gain nothing from a second thread; one thread also repeats exactly.
@@ -66,7 +75,7 @@ def running_server(model: Path | str, *args: str, log: Path, threads: int = 1) -
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kvgen serve did not start:\n{log.read_text()}")
             time.sleep(0.2)
-        yield url
+        yield process, url
     finally:
         process.terminate()
         try:
@@ -78,7 +87,8 @@ def running_server(model: Path | str, *args: str, log: Path, threads: int = 1) -
 @pytest.fixture(scope="module")
 def url(gpt2_tiny, tmp_path_factory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with running_server(gpt2_tiny, "--max-batch", "6", log=log) as base:
+    # Chunks of 8 positions, so that the tiny prompts here fill whole chunks of the prompt cache
+    with running_server(gpt2_tiny, "--max-batch", "6", "--prefill-chunk", "8", log=log) as base:
         yield base
 
 
@@ -454,11 +464,12 @@ def test_shared_prefix_is_reused_and_output_unchanged(client, model, lm):
     first = complete(client, model, prompt=system + "must be in want of a wife.", n_tokens=12)
     second = complete(client, model, prompt=system + "Call me Ishmael.", n_tokens=12)
     prefix = len(lm.encode(system)) - 1  # the last token of the shared text may merge with the next
-    assert second.usage.prompt_tokens_details.cached_tokens >= prefix > 20
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % 8 == 0 and cached > prefix - 8 > 20  # whole chunks of 8 (--prefill-chunk)
     assert second.choices[0].text == lm.generate(system + "Call me Ishmael.", 12, stop_at_eos=False).text
     again = complete(client, model, prompt=system + "must be in want of a wife.", n_tokens=12)
     assert again.choices[0].text == first.choices[0].text
-    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.usage.prompt_tokens_details.cached_tokens == (again.usage.prompt_tokens - 1) // 8 * 8
 
 
 def test_chat_turns_reuse_the_earlier_turns(client, model):
@@ -470,7 +481,8 @@ def test_chat_turns_reuse_the_earlier_turns(client, model):
         {"role": "user", "content": "Go on"},
     ]
     second = client.chat.completions.create(messages=messages, **kwargs)
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # the first turn's prompt in whole chunks of 8; its reply was decoded, not prefilled, so it is not kept
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens // 8 * 8 > 0
 
 
 # A second server: an API key, one row and a one-request queue ---------------------------------
@@ -480,6 +492,7 @@ def test_chat_turns_reuse_the_earlier_turns(client, model):
 def guarded(gpt2_tiny, tmp_path_factory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("serve-guarded") / "serve.log"
     args = ("--api-key", "sesame", "--max-batch", "1", "--max-queue", "1", "--prompt-cache-mb", "0")
+    args += ("--max-tokens-limit", "200")
     with running_server(gpt2_tiny, *args, log=log) as base:
         yield base
 
@@ -527,6 +540,72 @@ def test_a_lone_surrogate_is_400_and_the_connection_lives_on(url, model):
         chat = '{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}' % model
         assert_error(http.post("/v1/chat/completions", content=chat), 400, param="messages")
         assert http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_an_abandoned_whole_reply_is_cancelled(guarded, model):
+    """A client that gives up on a non-streamed reply (an SDK time-out) frees its row at the next
+    step, as a stream's does, instead of generating to the end. The tiny model may finish before
+    the hang-up arrives; then it is tried again."""
+    headers = {"Authorization": "Bearer sesame"}
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, **NO_EOS}
+    for attempt in range(5):
+        cancelled = metric(guarded, 'requests_total{outcome="cancelled"}')
+        generated = metric(guarded, "generation_tokens_total")
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{guarded}/v1/completions", json=body, headers=headers, timeout=0.05)
+        deadline = time.monotonic() + 10
+        while metric(guarded, "running_requests") + metric(guarded, "queue_depth") > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        if metric(guarded, 'requests_total{outcome="cancelled"}') > cancelled:
+            break
+    assert metric(guarded, 'requests_total{outcome="cancelled"}') == cancelled + 1
+    assert metric(guarded, "generation_tokens_total") - generated < 200
+
+
+def test_max_tokens_limit_caps_what_a_request_generates(guarded, model):
+    headers = {"Authorization": "Bearer sesame"}
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 201}
+    error = assert_error(post(guarded, "/v1/completions", body, headers=headers), 400, param="max_tokens")
+    assert "at most 200" in error["message"] and "--max-tokens-limit" in error["message"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, **NO_EOS}
+    reply = post(guarded, "/v1/chat/completions", chat, headers=headers)  # no max_tokens: the limit, not the context
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 200
+
+
+def stalled_request(url: str) -> socket.socket:
+    """A connection whose request never finishes arriving: what holds a server's shutdown open."""
+    host, port = url.removeprefix("http://").split(":")
+    stalled = socket.create_connection((host, int(port)))
+    stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    return stalled
+
+
+def test_sigterm_stops_the_server_gracefully(gpt2_tiny, tmp_path):
+    """SIGTERM: running requests finish, what cannot finish is cancelled after a grace period,
+    the process exits with status 0 within seconds; a second signal exits at once."""
+    with server_process(gpt2_tiny, log=tmp_path / "a.log") as (process, url), ThreadPoolExecutor(1) as pool:
+        body = {"model": str(gpt2_tiny), "prompt": PROMPT, "max_tokens": 200, "temperature": 0, **NO_EOS}
+        running = pool.submit(post, url, "/v1/completions", body, timeout=30)
+        stalled = stalled_request(url)
+        while metric(url, "running_requests") == 0 and not running.done():
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert running.result().status_code == 200  # it was running: it finishes
+        assert process.wait(timeout=GRACE_SECONDS + 5) == 0
+        assert time.monotonic() - signalled < GRACE_SECONDS + 3
+        stalled.close()
+    with server_process(gpt2_tiny, log=tmp_path / "b.log") as (process, url):
+        stalled = stalled_request(url)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None  # waiting for the stalled request, within its grace period
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0 and time.monotonic() - signalled < 2
+        stalled.close()
 
 
 def test_favicon_is_no_content(url):

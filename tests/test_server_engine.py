@@ -98,7 +98,7 @@ def test_quantized_bfloat16_rows_get_their_solo_tokens(lm):
 
 
 def test_prefix_reuse_gives_the_same_tokens(lm):
-    engine = Engine(lm, max_batch=2)
+    engine = Engine(lm, max_batch=2, prefill_chunk=8)
     engine.start()
     try:
         shared = lm.encode(PROMPTS[0] + " " + PROMPTS[2])
@@ -106,9 +106,36 @@ def test_prefix_reuse_gives_the_same_tokens(lm):
         second = run_all(engine, [(shared + lm.encode(" two, three"), 10, {})])[0]
     finally:
         engine.stop()
-    assert second.events[0].cached_tokens >= len(shared) - 1
+    cached = second.events[0].cached_tokens
+    assert cached % 8 == 0 and cached >= len(shared) - 8  # the shared prompt's whole chunks
     for ids, collector in ((shared + lm.encode(" one"), first), (shared + lm.encode(" two, three"), second)):
         assert collector.tokens == lm.generate(ids, 10, stop_at_eos=False).token_ids
+
+
+def test_the_prompt_cache_never_changes_a_quantized_bfloat16_answer(lm):
+    """Prompts continued from the prompt cache, beside others, give the tokens of a fresh prefill
+    run alone with the cache off, bit for bit in bfloat16: the cache holds whole chunks only, which a
+    fresh prefill computes the same way."""
+    quantized = kvgen.load(lm.path, dtype="bfloat16", quantize="int4")
+    shared = PROMPTS[0] + " " + PROMPTS[2]
+    prompts = [quantized.encode(shared + " " + p) for p in PROMPTS]
+    alone = []
+    for ids in prompts:
+        engine = Engine(quantized, max_batch=1, prefix_cache_bytes=0, prefill_chunk=8)
+        engine.start()
+        try:
+            alone.append(run_all(engine, [(ids, 12, {})])[0].tokens)
+        finally:
+            engine.stop()
+    engine = Engine(quantized, max_batch=4, prefill_chunk=8)
+    engine.start()
+    try:
+        run_all(engine, [(prompts[0], 4, {})])  # leaves the shared chunks in the prompt cache
+        together = run_all(engine, [(ids, 12, {}) for ids in prompts])
+    finally:
+        engine.stop()
+    assert all(c.events[0].cached_tokens >= 8 for c in together)
+    assert [c.tokens for c in together] == alone
 
 
 def test_a_failing_request_fails_alone(lm):
@@ -168,6 +195,27 @@ def test_row_cache_rows_are_independent():
     rows.clear(0)
     assert rows.lengths.tolist() == [0, 3, 0] and (rows.positions[0] == -1).all()
     assert [t.shape[2] for t in rows.row(1)[:2]] == [3, 3]
+
+
+@pytest.mark.parametrize("dtype, heads", [(torch.bfloat16, 4), (torch.bfloat16, 1), (torch.float32, 1)])
+def test_each_row_of_a_batch_attends_as_it_would_alone(dtype, heads):
+    """Decode attention over rows of different lengths (slots past a row's length empty, position
+    -1): each row's output is bit for bit the row's own attention over its own slots."""
+    from kvgen.models.layers import attention, attention_mask
+
+    torch.manual_seed(0)
+    lengths, slots, kv_heads, D = [5, 37, 12], 40, 2, 64
+    q = torch.randn(3, kv_heads * heads, 1, D).to(dtype)
+    k, v = torch.randn(2, 3, kv_heads, slots, D).to(dtype)
+    key_positions = torch.full((3, slots), -1)
+    for b, n in enumerate(lengths):
+        key_positions[b, :n] = torch.arange(n)
+    query_positions = torch.tensor(lengths)[:, None]
+    together = attention(q, k, v, attention_mask(query_positions, key_positions), 0.125)
+    for b, n in enumerate(lengths):
+        mask = attention_mask(query_positions[b : b + 1], key_positions[b : b + 1, :n])
+        alone = attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], mask, 0.125)
+        assert torch.equal(together[b], alone[0])
 
 
 def test_prefix_cache_lookup_and_lru_bound():

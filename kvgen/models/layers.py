@@ -77,10 +77,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcas
     few = q.device.type == "cpu" and q.shape[2] <= FEW_QUERIES
     work = torch.float32 if upcast else storage_dtype(dtype, q.device, group_size) if few else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copy of a cache already stored in `work`
-    if few and work == torch.bfloat16 and group_size > 1:
-        return grouped_attention(q, k, v, mask, scale).to(dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group_size > 1)
-    return out.to(dtype)  # (B, H, T, D)
+    grouped = few and work == torch.bfloat16 and group_size > 1
+    if few and q.shape[0] > 1:
+        return rowwise_attention(q, k, v, mask, scale, grouped).to(dtype)
+    return _attend(q, k, v, mask, scale, grouped).to(dtype)  # (B, H, T, D)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, grouped: bool) -> Tensor:
+    if grouped:
+        return grouped_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def rowwise_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, grouped: bool) -> Tensor:
+    """Each batch row attends alone, over the span of slots its queries can see.
+
+    SDPA's sums depend on how many slots a call has, even where the extra ones are masked: in a
+    batch, a row would attend over as many slots as the longest row holds, and its numbers would
+    change with what else runs beside it (a greedy answer that changes under load). Alone and cut
+    to its own visible span, a row computes the same bits whatever the batch. One call per row
+    costs little beside a decode step's weight products (docs/server.md).
+    """
+    visible = mask.any(dim=2)[:, 0]  # (B, S): slots some query of the row may see
+    first = visible.int().argmax(dim=1).tolist()
+    end = (visible.shape[1] - visible.flip(1).int().argmax(dim=1)).tolist()
+    rows = [
+        _attend(q[b : b + 1], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], mask[b : b + 1, :, :, s:e], scale, grouped)
+        for b, (s, e) in enumerate(zip(first, end))
+    ]
+    return torch.cat(rows)
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:

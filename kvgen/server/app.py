@@ -18,7 +18,7 @@ import uuid
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -72,8 +72,9 @@ class Choice:
 class Server:
     """The routes' shared state: the engine, the model's name, and a lock around the tokenizer's encoder."""
 
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, max_tokens_limit: int | None = None) -> None:
         self.engine, self.lm, self.model_name = engine, engine.lm, model_name
+        self.max_tokens_limit = max_tokens_limit  # generated tokens a request may ask for, at most
         self.created = int(time.time())
         self.encode_lock = threading.Lock()  # fast tokenizers refuse concurrent encodes that reconfigure them
         self.template, self.template_stops = chat_template(self.lm)
@@ -184,10 +185,11 @@ class Server:
         return grammar
 
     def max_tokens(self, asked: int | None, prompt_len: int, default: int | None, param: str) -> int:
-        """What to generate: as asked, else `default`, else (and at most) the context left, as vLLM does."""
-        context = self.engine.context_length
+        """What to generate: as asked, else `default`, else (and at most) the context left, as vLLM
+        does; never more than the server's `max_tokens_limit`, which also caps what goes unasked."""
+        context, limit = self.engine.context_length, self.max_tokens_limit
         left = context - prompt_len
-        wanted = asked if asked is not None else min(default or left, left)
+        wanted = asked if asked is not None else min(default or left, left, limit or left)
         if wanted > left or left < 1:
             raise APIError(
                 400,
@@ -196,6 +198,12 @@ class Server:
                 "Please reduce the length of the prompt or completion.",
                 param=param,
                 code="context_length_exceeded",
+            )
+        if limit is not None and wanted > limit:
+            raise APIError(
+                400,
+                f"{param} is {wanted}; this server generates at most {limit} tokens a request (--max-tokens-limit)",
+                param=param,
             )
         return wanted
 
@@ -303,6 +311,28 @@ async def events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Event]]:
         cancel([c for c in choices if not (c.finish_reason or c.error)])
 
 
+async def unless_disconnected(request: Request, reply: Awaitable[dict]) -> dict | Response:
+    """Await a whole (non-streamed) reply unless its client hangs up first: then the reply is
+    cancelled, and with it its engine requests at the next step (`events`), as a stream's are.
+    Starlette watches a stream's connection itself; a plain response's, nobody does."""
+    work = asyncio.ensure_future(reply)
+    gone = asyncio.ensure_future(hung_up(request))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        gone.cancel()
+        return work.result()
+    work.cancel()
+    with suppress(asyncio.CancelledError):
+        await work
+    return Response(status_code=499)  # nginx's "client closed request": no one is there to read it
+
+
+async def hung_up(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: what else arrives is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def usage(choices: list[Choice]) -> dict:
     """Prompt tokens once per prompt (as OpenAI counts them), completion tokens over every choice."""
     firsts = {}
@@ -335,9 +365,12 @@ def check_text(text: str, param: str) -> None:
         raise APIError(400, f"{param} is not valid Unicode text: a lone surrogate at character {e.start}", param=param) from None
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application; the engine thread starts and stops with it."""
-    server = Server(engine, model_name)
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, max_tokens_limit: int | None = None
+) -> FastAPI:
+    """The FastAPI application; the engine thread starts and stops with it. `max_tokens_limit` caps
+    the tokens one request generates, so that no request holds a row for a whole context."""
+    server = Server(engine, model_name, max_tokens_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -398,7 +431,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         return model_card(server)
 
     @app.post("/v1/completions", summary="OpenAI completions: continue a prompt")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         check_unsupported(body)
         prompts = server.prompt_ids(body.prompt)
@@ -419,12 +452,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         reply = CompletionReply(server, body, choices)
         if body.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
-        return await reply.collect()
+        return await unless_disconnected(request, reply.collect())
 
     @app.post(
         "/v1/chat/completions", summary="OpenAI chat completions: reply to a conversation (the model's chat template)"
     )
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         server.check_model(body.model)
         check_unsupported(body)
         if body.top_logprobs and not body.logprobs:
@@ -440,7 +473,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         reply = ChatReply(server, body, choices, tools)
         if body.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
-        return await reply.collect()
+        return await unless_disconnected(request, reply.collect())
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:

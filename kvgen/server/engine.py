@@ -1,12 +1,18 @@
 """The continuous-batching engine: one thread owns the model and runs a step loop.
 
 Requests arrive through `submit` (a bounded queue) and join the running batch at a step
-boundary: each is prefilled alone, continuing the longest cached prefix of its prompt
-(`PrefixCache`), and its keys and values are copied into a free row of a `RowLayerCache`, where
-every row has its own write index. Each step then decodes one token for every busy row in one
-forward; each row samples with its own `SamplingParams` and `torch.Generator`. A row leaves when
-it finishes or its client goes away (`EngineRequest.cancel`), and its stream is kept in the prefix
-cache. Results go out through each request's `emit` callback, called on the engine thread.
+boundary: each is prefilled alone, in chunks of `PREFILL_CHUNK` positions, continuing the longest
+cached run of whole chunks of its prompt (`PrefixCache`), which then keeps the prompt's own whole
+chunks; its keys and values are copied into a free row of a `RowLayerCache`, where every row has
+its own write index. Each step then decodes one token for every busy row in one forward; each row
+samples with its own `SamplingParams` and `torch.Generator`. A row leaves when it finishes or its
+client goes away (`EngineRequest.cancel`). Results go out through each request's `emit` callback,
+called on the engine thread.
+
+A greedy request gets the same tokens alone, beside others, and with or without the prompt cache:
+each row attends alone (`layers.rowwise_attention`), the quantized weights' kernels compute each
+row alike whatever the batch, and the prompt cache holds only what a fresh prefill computes the
+same way. (Float weights' products in bfloat16 may round a row differently with the batch's size.)
 
 The engine never knows the architecture (only `model(tokens, positions, cache)` and
 `cache_layout()`), and an error inside one request fails that request only.
@@ -26,12 +32,18 @@ from torch import Tensor
 
 from ..api import LM, _Row
 from ..cache import DynamicLayerCache, RowLayerCache
-from ..generate import decode_one, prefill
+from ..generate import decode_one
 from ..grammar import Constraint, mask_logits
 from ..sampling import SamplingParams, presence_frequency_penalty, sample_rows
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("kvgen.server")
+
+# Prompts are prefilled in chunks that start at multiples of this many positions, and the prefix
+# cache keeps and hands out whole chunks only: a position's keys and values then come out of the
+# same products whether its prompt was computed fresh or continued from the cache, so the prompt
+# cache never changes an answer (one forward over a whole prompt rounds differently from two).
+PREFILL_CHUNK = 256
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
 
@@ -141,11 +153,18 @@ class _Active:
 class Engine:
     """Owns the model; runs requests in a continuously refilled batch of at most `max_batch` rows."""
 
-    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 256, prefix_cache_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self,
+        lm: LM,
+        max_batch: int = 8,
+        max_queue: int = 256,
+        prefix_cache_bytes: int = 256 * 2**20,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
         if lm.backend != "native":
             raise ValueError("the server needs the native backend")
         self.lm, self.model = lm, lm.model
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.layout = self.model.cache_layout()
         self.cache = [RowLayerCache(max_batch, shape, lm.dtype, lm.device) for shape in self.layout]
         self.rows: list[_Active | None] = [None] * max_batch
@@ -225,35 +244,43 @@ class Engine:
                 self._fail(request, row, f"prefill failed: {type(e).__name__}: {e}")
 
     def _prefill(self, request: EngineRequest, row: int) -> None:
-        ids = request.prompt_ids
+        ids, chunk = request.prompt_ids, self.prefill_chunk
         keep, held = 0, None
         if self.prefix_cache is not None and not request.prompt_logprobs:
             keep, held = self.prefix_cache.lookup(ids)
+            keep -= keep % chunk  # whole chunks only: the rest is computed as a fresh prefill would
         # Whole-stream caches for every layer, sliding ones included: the mask does the windowing, and
         # the stream can then go into the prefix cache whole.
         layers = [DynamicLayerCache(None, shape.group_size) for shape in self.layout]
-        if held is not None:
+        if keep:
             for cache, (k, v) in zip(layers, held):
-                cache.update(k, v, torch.arange(keep, device=k.device)[None])
-        device = self.lm.device
-        tokens = torch.tensor([ids[keep:]], device=device)  # (1, T)
-        positions = torch.arange(keep, len(ids), device=device)[None]
+                cache.update(k[:, :, :keep], v[:, :, :keep], torch.arange(keep, device=k.device)[None])
+        every = [self._forward(ids, start, min(start + chunk, len(ids)), layers, request.prompt_logprobs)
+                 for start in range(keep, len(ids), chunk)]  # fmt: skip
+        logits = every[-1][-1:]  # (1, vocab)
         prompt_logprobs = None
         if request.prompt_logprobs:
-            every = self.model(tokens, positions, layers, all_logits=True)[0]  # (T, vocab)
-            logits = every[-1:]
-            prompt_logprobs = [(None, [])] + self._logprobs(every[:-1], ids[1:], request.logprobs or 0)
-        else:
-            logits = prefill(self.model, tokens, positions, layers)  # (1, vocab)
+            prompt_logprobs = [(None, [])] + self._logprobs(torch.cat(every)[:-1], ids[1:], request.logprobs or 0)
+        whole = len(ids) - len(ids) % chunk
+        if self.prefix_cache is not None and whole > keep:
+            self.prefix_cache.store(ids[:whole], [(c.keys[:, :, :whole], c.values[:, :, :whole]) for c in layers])
         for row_cache, cache in zip(self.cache, layers):
             row_cache.put(row, cache.keys, cache.values, cache.positions)
-        active = _Active(self.lm, request, row, logits.shape[-1], device)
+        active = _Active(self.lm, request, row, logits.shape[-1], self.lm.device)
         self.rows[row] = active
         self.metrics.prompt_tokens += len(ids)
         self.metrics.cached_tokens += keep
         request.emit(Started(len(ids), keep, prompt_logprobs))
         self._advance([active], logits)
         self.metrics.step(0, 1)
+
+    def _forward(self, ids: list[int], start: int, end: int, layers: list, all_logits: bool) -> Tensor:
+        """Positions start ... end-1 of a prompt through the model -> their logits (all, or the last)."""
+        device = self.lm.device
+        tokens = torch.tensor([ids[start:end]], device=device)  # (1, T)
+        positions = torch.arange(start, end, device=device)[None]
+        logits = self.model(tokens, positions, layers, all_logits=all_logits)
+        return logits[0] if all_logits else logits  # (T, vocab) or the last position's (1, vocab)
 
     def _decode_step(self) -> None:
         """One forward for every busy row; idle rows below the highest busy one ride along at position -1."""
@@ -344,12 +371,6 @@ class Engine:
     # Leaving the batch --------------------------------------------------------------------------
 
     def _release(self, a: _Active, outcome: str) -> None:
-        """Free a row; its stream (prompt + every token fed back) goes to the prefix cache."""
-        if self.prefix_cache is not None and self.rows[a.row] is a:
-            fed = a.request.prompt_ids + a.generated[:-1]
-            held = [cache.row(a.row) for cache in self.cache]
-            if held and held[0][0].shape[2] == len(fed):
-                self.prefix_cache.store(fed, [(k, v) for k, v, _ in held])
         self._free(a.row)
         self.metrics.requests[outcome] += 1
 
