@@ -4,7 +4,7 @@ Nothing is downloaded: the checkpoint is built in a temporary folder (`kvgen.tes
 then `kvgen bench` measures both systems on it, each in its own process (34-token prompt, 128 new
 tokens by default). Any further arguments go to `kvgen bench` and win over these.
 
-    python benchmarks/bench_decode.py [kvgen bench flags, e.g. --batch 1,8 --json gpt2.json]
+    python benchmarks/bench_decode.py [kvgen bench flags, e.g. --batch 1,8 -o gpt2.json]
 """
 
 from __future__ import annotations

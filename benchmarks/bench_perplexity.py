@@ -8,8 +8,8 @@ take about half the time; each run's decode tok/s is then a one-thread figure ne
 core. Prints a Markdown table (perplexity, decode tok/s, cache bytes) and writes every run's NLLs as
 JSON and the plot.
 
-    python benchmarks/bench_perplexity.py [--tokens 20000] [--window 512] [--sinks 4] [--every 10]
-        [--jobs 2] [--dtype auto] [--json docs/perplexity.json] [--plot docs/perplexity.png]
+    python benchmarks/bench_perplexity.py [--tokens 20000] [--window 512] [--sink-tokens 4] [--every 10]
+        [--jobs 2] [--dtype auto] [-o docs/perplexity.json] [--plot docs/perplexity.png]
 """
 
 from __future__ import annotations
@@ -44,19 +44,19 @@ def run_policy(policy: str, ids: list[int], args: argparse.Namespace) -> Perplex
             )
 
     window = None if policy == "dense" else args.window
-    return perplexity(lm.model, ids, policy, window, args.sinks, args.every, on_token=report)
+    return perplexity(lm.model, ids, policy, window, args.sink_tokens, args.every, on_token=report)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--sink-tokens", type=int, default=4)  # named as kvgen's own commands name it
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--json", default="docs/perplexity.json")
+    parser.add_argument("-o", "--output", default="docs/perplexity.json")
     parser.add_argument("--plot", default="docs/perplexity.png")
     args = parser.parse_args()
 
@@ -80,7 +80,7 @@ def main() -> None:
     doc = {"model": "default (Gemma 3 270M)", "text": "built-in (4 Shakespeare tragedies)", "tokens": len(ids)}
     doc |= {"every": args.every, "dtype": dtype, "threads_per_run": 1, "jobs": args.jobs}
     doc["runs"] = [run.as_dict() for run in runs]
-    write_atomic(args.json, json.dumps(doc, indent=1).encode())
+    write_atomic(args.output, json.dumps(doc, indent=1).encode())
     title = f"Gemma 3 270M ({dtype}): {len(ids):,} tokens of Shakespeare, every {args.every}th scored"
     save_figure(perplexity_figure(runs, title), args.plot)
 

@@ -64,6 +64,7 @@ class Response:
     token_id: int
     finish_reason: str | None = None  # "length", "eos" or "stop" on the row's last step
     timings: Timings | None = None  # on the row's last step
+    kept: int | None = None  # after a stop string: how many of the row's tokens `Result.token_ids` keeps
 
 
 @dataclass
@@ -75,6 +76,13 @@ class Result:
     timings: Timings = field(default_factory=Timings)
     trace: list | None = None  # `kvgen.trace.StepRecord`s, one per step, with generate(..., trace=True)
     tool_calls: list[dict] | None = None  # OpenAI's tool_calls, from chat(..., tools=...)
+
+    @classmethod
+    def collect(cls, prompt_ids: list[int], responses: list[Response]) -> Result:
+        """A finished row's Result from all its responses (the last one carries why it ended)."""
+        last = responses[-1]
+        tokens = [r.token_id for r in responses][: last.kept]
+        return cls("".join(r.text for r in responses), tokens, list(prompt_ids), last.finish_reason, last.timings)
 
     def as_dict(self) -> dict:
         out = {**dataclasses.asdict(self), "timings": self.timings.as_dict()}
@@ -92,6 +100,7 @@ class _Row:
         self.stops = StopMatcher(stop)
         self.eos = set(lm.eos_token_ids) if stop_at_eos else set()
         self.finish_reason: str | None = None
+        self.returned: list[str] = []  # the text pieces handed out so far
 
     def add(self, token_id: int, last_step: bool) -> Response:
         is_eos = token_id in self.eos
@@ -99,12 +108,22 @@ class _Row:
         if is_eos or last_step:
             piece += self.decoder.flush()  # the row ends: even a split character is shown
         text, stopped = self.stops.feed(piece)
+        kept = None
         if stopped:
             self.finish_reason = "stop"
+            kept = self._spelling("".join(self.returned) + text)
         elif is_eos or last_step:
             self.finish_reason = "eos" if is_eos else "length"
             text += self.stops.flush()
-        return Response(text, token_id, self.finish_reason)
+        self.returned.append(text)
+        return Response(text, token_id, self.finish_reason, kept=kept)
+
+    def _spelling(self, text: str) -> int:
+        """The fewest of the tokens so far whose decoding begins with `text` (a stop string ended it)."""
+        n = self.decoder.generated
+        while n and self.decoder.text_of(n - 1).startswith(text):  # a stop string is a few tokens long
+            n -= 1
+        return n
 
 
 class LM:
@@ -319,19 +338,15 @@ class LM:
         Each row's greedy output is the same as running that prompt alone.
         """
         prompt_ids = [self.encode(p) for p in prompts]
-        texts: list[list[str]] = [[] for _ in prompts]
-        tokens: list[list[int]] = [[] for _ in prompts]
+        responses: list[list[Response]] = [[] for _ in prompts]
         results: list[Result | None] = [None] * len(prompts)
         for step in self.stream_batch(prompt_ids, max_new_tokens, **kwargs):
             for i, response in enumerate(step):
                 if response is None:
                     continue
-                texts[i].append(response.text)
-                tokens[i].append(response.token_id)
+                responses[i].append(response)
                 if response.finish_reason:
-                    results[i] = Result(
-                        "".join(texts[i]), tokens[i], prompt_ids[i], response.finish_reason, response.timings
-                    )
+                    results[i] = Result.collect(prompt_ids[i], responses[i])
         return results
 
     def chat(
@@ -416,8 +431,15 @@ class LM:
         (finish_reason "length") unless an EOS token ("eos", when `stop_at_eos`) or one of the `stop`
         strings ("stop"; the stop string is not returned) ends it first. `cache` is "dynamic",
         "static" or "sink": StreamingLLM's attention sinks, `sink_tokens` first tokens plus the last
-        `window` (default: the context less the sinks), for text of any length on a rotary model. `token_ids` holds every generated token, EOS included. `trace=True` (native
-        backend) also records every step's shapes and caches in `Result.trace` (`kvgen.trace`).
+        `window` (default: the context less the sinks), for text of any length on a rotary model.
+
+        `token_ids` are every generated token, EOS included, unless a stop string ended the run:
+        then they are the fewest generated tokens whose decoding begins with `text`, so the tokens
+        that only spelled the stop string are dropped, and decoding them gives `text` plus, where
+        the stop string began inside the last one, the rest of that token (vLLM keeps the stop
+        string's tokens; kvgen keeps `token_ids` in step with `text`). `timings.new_tokens` counts
+        every token generated. `trace=True` (native backend) also records every step's shapes and
+        caches in `Result.trace` (`kvgen.trace`).
         `speculative="prompt_lookup"` (greedy, native backend) drafts up to `draft_tokens` tokens
         per forward from earlier text matching the last `ngram_size` tokens, with the same result;
         `timings.speculative` holds its counts. `json_schema` (a dict, or its JSON text) makes the text a JSON

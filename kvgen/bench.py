@@ -122,7 +122,8 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         ranges += [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
     looked_up = {t.data_ptr() for t in lookups}
     total, end = 0, 0
-    for start, stop in sorted((s, e) for s, e in ranges if s not in looked_up):  # the union of the ranges: views and ties count once
+    # The union of the ranges: views and ties count once.
+    for start, stop in sorted((s, e) for s, e in ranges if s not in looked_up):
         total += max(0, stop - max(start, end))
         end = max(end, stop)
     return total + sum(t[0].numel() * t.element_size() for t in lookups if t.dim() > 0)
@@ -583,15 +584,16 @@ def _mark_same_tokens(results: list[dict]) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """`kvgen bench`: run kvgen and each peer in turn, print the table, write JSON and the plot."""
+    """`kvgen bench`: run kvgen and each peer in turn; print the table (or, with --json, the JSON
+    document), write the document to -o FILE and draw the plot."""
     from .loading import default_model, model_source
     from .loading.dtype import resolve_dtype
     from .loading.gguf import is_gguf
-    from .trace import check_output, save_figure, write_atomic
+    from .trace import check_output, emit_json, save_figure
 
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2: decode speed is timed from the first token to the last")
-    check_output(args.json)
+    check_output(args.output)
     check_output(args.plot, ".png")
     source = Path(model_source(args.model)).expanduser() if args.model else default_model()
     gguf = is_gguf(source)
@@ -633,11 +635,11 @@ def run_bench(args: argparse.Namespace) -> int:
     ]
     if "llama.cpp" in systems:
         notes.append("llama.cpp runs batch 1 only, on the GGUF's own quantised weights")
-    print_table(results, title, notes)
-    if args.json:
-        doc = dict(machine=machine, model=str(source), dtype=dtype, prompt_tokens=len(ids))
-        doc.update(new_tokens=args.new_tokens, repeats=args.repeats, results=results)
-        write_atomic(args.json, json.dumps(doc, indent=1).encode())
+    if not args.json:
+        print_table(results, title, notes)
+    doc = dict(machine=machine, model=str(source), dtype=dtype, prompt_tokens=len(ids))
+    doc.update(new_tokens=args.new_tokens, repeats=args.repeats, results=results)
+    emit_json(doc, args.json, args.output, indent=1)
     if args.plot:
         save_figure(bench_figure(results, title), args.plot)
     return 0

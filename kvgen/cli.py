@@ -1,7 +1,8 @@
 """`kvgen` on the command line: generate, compare, trace, chat, perplexity, serve, bench, convert, info, models.
 
 Bad input (a missing model, an unknown flag value, an empty prompt, a context overflow) prints one
-line on stderr and exits with status 2, never a traceback.
+line on stderr and exits with status 2, never a traceback. Every command that makes a JSON document
+prints it with --json (in place of its text or table) and writes it with -o FILE.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from typing import Sequence
 from .api import BACKENDS, Result
 from .cache import CACHE_KINDS, check_sink, make_cache
 from .loading import DTYPES
-from .sampling import SamplingParams
 from .quant import KINDS
 from .runner import QUANTIZE
-from .trace import check_output
+from .sampling import SamplingParams
+from .speculative import SPECULATIVE_METHODS, check_speculative
+from .trace import check_output, emit_json
 
 SINK_TOKENS = 4  # the sink cache's first tokens kept, unless --sink-tokens says otherwise
-from .speculative import SPECULATIVE_METHODS, check_speculative
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +84,12 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: s
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument(
-        "-n", "--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N", help=f"default {max_new_tokens}"
+        "-n",
+        "--max-new-tokens",
+        type=_positive_int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"default {max_new_tokens}",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -95,7 +101,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate through EOS tokens")
     p.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="sink: run past the context (rotary models)")
     p.add_argument(
-        "--sink-tokens", type=int, default=SINK_TOKENS, metavar="N", help=f"with --cache sink: first tokens kept (default {SINK_TOKENS})"
+        "--sink-tokens",
+        type=int,
+        default=SINK_TOKENS,
+        metavar="N",
+        help=f"with --cache sink: first tokens kept (default {SINK_TOKENS})",
     )
     p.add_argument(
         "--window",
@@ -177,6 +187,35 @@ def _speculative_kwargs(args: argparse.Namespace) -> dict:
     return {"speculative": args.speculative, "draft_tokens": args.draft_tokens, "ngram_size": args.ngram_size}
 
 
+def _add_output_args(p: argparse.ArgumentParser, human: str) -> None:
+    """--json and -o, the same on every command that makes a JSON document."""
+    p.add_argument("--json", action="store_true", help=f"print one JSON document on stdout instead of {human}")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="also write that JSON document to FILE (a temporary file renamed into place)",
+    )
+
+
+def _emit(args: argparse.Namespace, doc: dict, indent: int = 2) -> None:
+    """The command's JSON document: on stdout with --json, into the -o file (both may be asked for)."""
+    emit_json(doc, args.json, args.output, indent)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An option's old spelling: still accepted, with a note on stderr naming the new one."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"kvgen: note: {option_string} is now {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _timing_line(result: Result) -> str:
     t = result.timings
     return (
@@ -192,19 +231,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.speculative is not None:  # refuse before loading a model
         params = SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
         check_speculative(args.speculative, params, 1, args.backend, args.draft_tokens, args.ngram_size)
+    check_output(args.output)
     lm = kvgen.load(args.model, args.dtype, args.device, args.backend, quantize=args.quantize)
     if args.json:
-        print(json.dumps(lm.generate(args.prompt, args.max_new_tokens, **kwargs).as_dict(), indent=2))
+        _emit(args, lm.generate(args.prompt, args.max_new_tokens, **kwargs).as_dict())
         return 0
-    pieces, final = [], None
+    responses = []
     for response in lm.stream_responses(args.prompt, args.max_new_tokens, **kwargs):
-        pieces.append(response.text)
+        responses.append(response)
         print(response.text, end="", flush=True)
-        final = response
     print(flush=True)
-    ids = lm.encode(args.prompt)
-    print(_timing_line(Result("".join(pieces), [], ids, final.finish_reason, final.timings)), file=sys.stderr)
-    if (stats := final.timings.speculative) is not None:
+    result = Result.collect(lm.encode(args.prompt), responses)
+    _emit(args, result.as_dict())
+    print(_timing_line(result), file=sys.stderr)
+    if (stats := result.timings.speculative) is not None:
         print(
             f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted, "
             f"{stats.tokens_per_step:.2f} tokens per decode forward",
@@ -232,6 +272,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.plot is not None:
         raise ValueError("--plot needs --caches: it draws each cache kind's memory and time")
     kwargs = _generation_kwargs(args)
+    check_output(args.output)
     console = Console(highlight=False)
     results = {}
     for backend in ("hf", "native"):
@@ -240,12 +281,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         results[backend] = lm.generate(args.prompt, args.max_new_tokens, **kwargs)
     way1, way2 = results["hf"], results["native"]
     diff = first_difference(way1.token_ids, way2.token_ids)
+    _emit(args, dict(identical=diff is None, first_difference=diff, hf=way1.as_dict(), native=way2.as_dict()))
     if args.json:
-        print(
-            json.dumps(
-                dict(identical=diff is None, first_difference=diff, hf=way1.as_dict(), native=way2.as_dict()), indent=2
-            )
-        )
         return 0 if diff is None else 1
     table = Table(title=f"{args.prompt!r} + {args.max_new_tokens} tokens, {args.dtype}, {args.cache} cache")
     for column in ("", "way 1: transformers generate()", "way 2: kvgen prefill + decode"):
@@ -286,14 +323,17 @@ def _attention_spec(text: str) -> tuple[int, int]:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """Generate while recording every step's shapes and caches; print them, and save JSON or plots."""
+    from rich.console import Console
+    from rich.text import Text
+
     import kvgen
 
-    from .trace import Tracer, attention_figure, print_table, probing, save_figure, trace_figure, write_json
+    from .trace import Tracer, attention_figure, print_table, probing, save_figure, trace_document, trace_figure
 
     kwargs = _generation_kwargs(args)
     if args.attention is not None and not args.plot:
         raise ValueError("--attention draws a plot: give --plot FILE.png too")
-    check_output(args.json)
+    check_output(args.output)
     check_output(args.plot, ".png")
     lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.attention is not None and not args.attention[0] < (layers := len(lm.model.cache_layout())):
@@ -301,13 +341,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     tracer = Tracer(lm.tokenizer, attention=args.attention, layout=lm.model.cache_layout())
     with probing(tracer.probe):
         (result,) = lm.generate_batch([args.prompt], args.max_new_tokens, observe=tracer, **kwargs)
-    model = args.model or "default (Gemma 3 270M)"
-    print_table(
-        tracer.records, title=f"{model}: {args.prompt!r} + {len(tracer.records)} tokens, {args.cache} cache, {lm.dtype}"
-    )
-    print(f"text: {result.text!r}")
-    if args.json:
-        write_json(args.json, tracer.records, str(model), args.cache)
+    model = str(args.model or "default (Gemma 3 270M)")
+    if not args.json:
+        dtype = str(lm.dtype).removeprefix("torch.")
+        console = Console(highlight=False)  # the terminal's width; $COLUMNS or 80 for a pipe
+        title = f"{model}: {args.prompt!r} + {len(tracer.records)} tokens, {args.cache} cache, {dtype}"
+        print_table(tracer.records, title, console)
+        console.print(Text(f"text: {result.text!r}"))
+    _emit(args, trace_document(tracer.records, model, args.cache, args.prompt, result.text), indent=1)
     if args.plot:
         if args.attention is not None:
             fig = attention_figure(tracer.records, *args.attention)
@@ -327,6 +368,7 @@ def cmd_compare_caches(args: argparse.Namespace) -> int:
     from .trace import Tracer, compare_figure, save_figure
 
     kwargs = _generation_kwargs(args)
+    check_output(args.output)
     check_output(args.plot, ".png")
     console = Console(highlight=False)
     lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
@@ -343,14 +385,14 @@ def cmd_compare_caches(args: argparse.Namespace) -> int:
     identical = all(d is None for d in diffs.values())
     if args.plot:
         save_figure(compare_figure(traces, f"{args.prompt!r} + {args.max_new_tokens} tokens"), args.plot)
+    doc = {
+        "identical": identical,
+        "first_difference": diffs,
+        "results": {kind: r.as_dict() for kind, r in results.items()},
+        "peak_cache_bytes": {kind: max(r.cache_bytes for r in t) for kind, t in traces.items()},
+    }
+    _emit(args, doc)
     if args.json:
-        doc = {
-            "identical": identical,
-            "first_difference": diffs,
-            "results": {kind: r.as_dict() for kind, r in results.items()},
-            "peak_cache_bytes": {kind: max(r.cache_bytes for r in t) for kind, t in traces.items()},
-        }
-        print(json.dumps(doc, indent=2))
         return 0 if identical else 1
     table = Table(title=f"{args.prompt!r} + {args.max_new_tokens} tokens, {args.dtype}, kvgen's loop")
     table.add_column("")
@@ -408,14 +450,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     import kvgen
 
     from .perplexity import check_policy, perplexity, perplexity_figure
-    from .trace import save_figure, write_atomic
+    from .trace import save_figure
 
     policies = list(dict.fromkeys(name for names in args.cache or [["sink"]] for name in names))
-    check_sink(args.sinks, 1 if args.window is None else args.window)
-    check_output(args.json)
+    check_sink(args.sink_tokens, 1 if args.window is None else args.window)
+    if args.sink_tokens != SINK_TOKENS and "sink" not in policies:
+        raise ValueError("--sink-tokens shapes the sink policy: add --cache sink")
+    check_output(args.output)
     check_output(args.plot, ".png")
     text = _read_text(args.file)
-    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)  # the native backend: the loop is kvgen's
+    # The native backend: the loop is kvgen's.
+    lm = kvgen.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     ids = lm.encode(text)
     context = lm.model.config.context_length
     if args.max_tokens is not None and len(ids) > args.max_tokens:
@@ -428,7 +473,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         )
         ids = ids[:context]
     for policy in policies:  # every refusal before the first token is scored
-        check_policy(policy, args.window, args.sinks, context, len(ids), args.every)
+        check_policy(policy, args.window, args.sink_tokens, context, len(ids), args.every)
         if policy in ("window", "sink"):  # the sink cache's own refusal (GPT-2), on a one-slot cache
             make_cache("sink", lm.model.cache_layout(), 1, 1, lm.dtype, lm.device, 0, 1)
     err = Console(stderr=True, highlight=False)
@@ -447,7 +492,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             def update(run, task=task):
                 progress.update(task, completed=run.tokens, ppl=f"{run.perplexity:.3f}")
 
-            runs.append(perplexity(lm.model, ids, policy, args.window, args.sinks, args.every, on_token=update))
+            runs.append(perplexity(lm.model, ids, policy, args.window, args.sink_tokens, args.every, on_token=update))
     model = str(args.model or "default (Gemma 3 270M)")
     source = {"-": "stdin", None: "built-in text (4 Shakespeare tragedies)"}.get(args.file, args.file)
     dtype = str(lm.dtype).removeprefix("torch.")
@@ -466,11 +511,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             f"{run.tok_s:.1f}",
             f"{run.cache_bytes:,}",
         )
-    Console(highlight=False).print(table)
-    if args.json:
-        doc = {"model": model, "text": source, "tokens": len(ids), "every": args.every, "dtype": dtype}
-        doc["runs"] = [run.as_dict() for run in runs]
-        write_atomic(args.json, json.dumps(doc, indent=1).encode())
+    if not args.json:
+        Console(highlight=False).print(table)
+    doc = {"model": model, "text": source, "tokens": len(ids), "every": args.every, "dtype": dtype}
+    doc["runs"] = [run.as_dict() for run in runs]
+    _emit(args, doc, indent=1)
     if args.plot:
         save_figure(perplexity_figure(runs, f"{model}: {source}"), args.plot)
     return 0
@@ -484,9 +529,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
     import kvgen
 
     from .quality import measure
-    from .trace import write_atomic
 
-    check_output(args.json)
+    check_output(args.output)
     if args.quantize == "none" and args.dtype == "float32":
         raise ValueError("--quantize none --dtype float32 is the reference itself: nothing to compare")
     text = _read_text(args.file)
@@ -503,11 +547,15 @@ def cmd_quality(args: argparse.Namespace) -> int:
         table.add_column(column, justify="left" if column == "path" else "right")
     table.add_row("float32 reference", "—", "—", "—", f"{quality.reference_perplexity:.3f}")
     table.add_row(
-        label, f"{quality.mean_kld:.5f}", f"{quality.p99_kld:.4f}", f"{quality.top1_agreement:.1%}", f"{quality.perplexity:.3f}"
+        label,
+        f"{quality.mean_kld:.5f}",
+        f"{quality.p99_kld:.4f}",
+        f"{quality.top1_agreement:.1%}",
+        f"{quality.perplexity:.3f}",
     )
-    Console(highlight=False, width=max(110, Console().width)).print(table)
-    if args.json:
-        write_atomic(args.json, json.dumps({"path": label, **quality.as_dict()}, indent=2).encode())
+    if not args.json:
+        Console(highlight=False, width=max(110, Console().width)).print(table)
+    _emit(args, {"path": label, **quality.as_dict()})
     return 0
 
 
@@ -629,14 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--backend", choices=BACKENDS, default="native")
     _add_speculative_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
+    _add_output_args(p, "streaming the text")
     _add_json_schema_arg(p)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("compare", help="run transformers' generate() and kvgen's loop on the same weights")
     _add_generation_args(p)
     _add_model_args(p, dtype="float32", quantize="none")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
+    _add_output_args(p, "the table")
     p.add_argument(
         "--caches",
         type=_cache_kinds,
@@ -653,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _add_sampling_args(p, 8)
     _add_model_args(p)
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the records as one JSON document")
+    _add_output_args(p, "the table: every step's record, in full")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot cache length, cache bytes and step time")
     p.add_argument(
         "--attention",
@@ -690,9 +738,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="dense, window, sink or recompute (repeatable or comma-separated; default sink)",
     )
     p.add_argument(
-        "--window", type=int, default=None, metavar="N", help="recent tokens kept (default: context - sinks)"
+        "--window", type=int, default=None, metavar="N", help="recent tokens kept (default: context - sink tokens)"
     )
-    p.add_argument("--sinks", type=int, default=4, metavar="K", help="with sink: first tokens kept (default 4)")
+    p.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=SINK_TOKENS,
+        metavar="N",
+        help=f"with --cache sink: first tokens kept (default {SINK_TOKENS})",
+    )
+    p.add_argument("--sinks", action=_DeprecatedAlias, dest="sink_tokens", type=int, new="--sink-tokens")
     p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N", help="score the first N tokens")
     p.add_argument(
         "--every",
@@ -701,18 +756,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="score every K-th token only: recompute then runs 1/K of its forwards (default 1)",
     )
-    p.add_argument("--json", default=None, metavar="FILE", help="also write every run and its NLLs as JSON")
+    _add_output_args(p, "the table: every run with its per-token NLLs")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot NLL and log perplexity by position")
     p.set_defaults(run=cmd_perplexity)
 
-    p = sub.add_parser("quality", help="KL divergence of the fast path from the float32 reference, as llama.cpp measures it")
+    p = sub.add_parser(
+        "quality", help="KL divergence of the fast path from the float32 reference, as llama.cpp measures it"
+    )
     p.add_argument(
         "file", metavar="FILE", nargs="?", default=None,
         help="UTF-8 text; - reads standard input (default: the built-in Shakespeare, as perplexity)",
     )  # fmt: skip
     _add_model_args(p)
     p.add_argument("--tokens", type=_positive_int, default=2048, metavar="N", help="positions scored (default 2048)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    _add_output_args(p, "the table")
     p.set_defaults(run=cmd_quality)
 
     from .bench import parse_batches, parse_peers
@@ -734,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_batches, default=[1], metavar="B[,B]", help="batch sizes (default 1)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="N", help="timed runs per figure (median)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="default: torch's thread count")
-    p.add_argument("--json", default=None, metavar="FILE", help="write {machine, results} as JSON")
+    _add_output_args(p, "the table: {machine, results}")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the comparison")
     p.set_defaults(run=cmd_bench)
 
@@ -743,7 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="GGUF file, or model folder with --quantize")
     _add_dtype_arg(p)
-    p.add_argument("--quantize", choices=KINDS, default=None, help="quantize a float checkpoint's weights: int4 or int8")
+    p.add_argument(
+        "--quantize", choices=KINDS, default=None, help="quantize a float checkpoint's weights: int4 or int8"
+    )
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", help="architecture, parameters, context length, dtype and folder of a model")

@@ -23,7 +23,9 @@ from .cli import main as cli
 PROMPT = "The three most important inventions of the nineteenth century were"
 
 
-LONG_RUN = ["perplexity", "--cache", "dense,window,sink", "--window", "252", "--sinks", "4", "--max-tokens", "2000"]
+LONG_RUN = [
+    "perplexity", "--cache", "dense,window,sink", "--window", "252", "--sink-tokens", "4", "--max-tokens", "2000",
+]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,19 @@ class IncrementalDecoder:
     def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.context = len(self.ids)  # the prompt tokens decoded before the new ones
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+
+    @property
+    def generated(self) -> int:
+        """How many new tokens have been added."""
+        return len(self.ids) - self.context
+
+    def text_of(self, n: int) -> str:
+        """The first `n` new tokens decoded together, as the pieces for them join."""
+        context = self._decode(self.ids[: self.context])
+        return self._decode(self.ids[: self.context + n])[len(context) :]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -270,13 +270,15 @@ def layer_groups(record: StepRecord) -> list[tuple[list[int], LayerCacheRecord]]
     return list(groups.values())
 
 
+def _kv(layer: LayerCacheRecord) -> str:
+    if layer.keys == layer.values:
+        return f"K,V {_shape(layer.keys)}"
+    return f"K {_shape(layer.keys)} V {_shape(layer.values)}"
+
+
 def describe_cache(layer: LayerCacheRecord) -> str:
     """One layer's cache in one line: K/V shapes, and for a preallocated one how much is filled."""
-    kv = (
-        f"K,V {_shape(layer.keys)}"
-        if layer.keys == layer.values
-        else f"K {_shape(layer.keys)} V {_shape(layer.values)}"
-    )
+    kv = _kv(layer)
     if layer.allocated is not None:
         what = f"ring of {layer.allocated}" if layer.kind == "ring" else "allocated"
         kv += f" {what}, filled {layer.length}, write @ {layer.index}"
@@ -293,47 +295,37 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _cache_lines(layers: list[int], layer: LayerCacheRecord) -> list[str]:
+    """A group of alike layers' caches as short lines: a narrow column wraps nothing mid-phrase."""
+    window = f", window {layer.window}" if layer.window is not None else ""
+    lines = [f"L{_ranges(layers)}{window}", f" mask {_shape(layer.mask)}", f" {_kv(layer)}"]
+    if layer.allocated is not None:
+        what = f"ring of {layer.allocated}" if layer.kind == "ring" else f"allocated {layer.allocated}"
+        lines += [f" {what}", f" filled {layer.length}, write @ {layer.index}"]
+    return lines
+
+
 def print_table(records: list[StepRecord], title: str = "", console=None) -> None:
-    """The records as a rich table: one row per step, one line per group of alike layers."""
+    """The records as a rich table, one row per step, narrow enough for an 80-column terminal: the
+    step's shapes, the chosen token and the top 5, and each group of alike layers' mask and cache.
+    `kvgen trace --json` prints every field in full."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    if console is None:
-        console = Console(highlight=False)
-        if not console.is_terminal:
-            console = Console(highlight=False, width=220)
-    table = Table(title=title or None, show_lines=True)
-    for name in (
-        "step",
-        "phase",
-        "input ids",
-        "positions",
-        "logits",
-        "chosen (p)",
-        "top-5",
-        "layers: mask | K/V cache",
-        "cache",
-        "ms",
-    ):
+    console = console or Console(highlight=False)
+    # Text, not markup: a token or prompt such as "[/b]" is shown as it is.
+    table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD, show_lines=True, title_justify="left")
+    for name in ("step", "ids fed → logits", "chosen (p), top 5", "KV cache: mask, K/V"):
         table.add_column(name, overflow="fold")
     for r in records:
-        chosen = "  ".join(f"{c.id} {c.text!r} ({c.prob:.3f})" for c in r.chosen)
-        top = "\n".join(" ".join(f"{c.text!r}:{c.prob:.2f}" for c in row) for row in r.top)
-        layers = "\n".join(
-            f"L{_ranges(idx)}: mask {_shape(rec.mask)} | {describe_cache(rec)}" for idx, rec in layer_groups(r)
-        )
-        table.add_row(
-            str(r.index),
-            r.phase,
-            _shape(r.input_ids),
-            "\n".join(map(_span, r.positions)),
-            _shape(r.logits),
-            chosen,
-            top,
-            layers,
-            _bytes(r.cache_bytes),
-            f"{r.seconds * 1e3:.1f}",
-        )
+        fed = [f"{_shape(r.input_ids)} at", *map(_span, r.positions), f"→ {_shape(r.logits)}"]
+        picks = [f"{c.id} {c.text!r} {c.prob:.3f}" for c in r.chosen]
+        picks += [f"  {c.text!r} {c.prob:.2f}" for row in r.top for c in row]
+        layers = [line for idx, rec in layer_groups(r) for line in _cache_lines(idx, rec)]
+        step = [str(r.index), r.phase, f"{r.seconds * 1e3:.1f} ms", _bytes(r.cache_bytes)]
+        table.add_row(*(Text("\n".join(cell)) for cell in (step, fed, picks, layers)))
     console.print(table)
 
 
@@ -366,12 +358,18 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
-def trace_document(records: list[StepRecord], model: str, cache: str) -> dict:
-    return {"model": model, "cache": cache, "steps": [asdict(r) for r in records]}
+def emit_json(doc: dict, stdout: bool, path: str | Path | None, indent: int = 2) -> None:
+    """A command's JSON document: printed on stdout (`--json`) and/or written to `path` (`-o FILE`)."""
+    text = json.dumps(doc, indent=indent)
+    if path:
+        write_atomic(path, text.encode())
+    if stdout:
+        print(text)
 
 
-def write_json(path: str | Path, records: list[StepRecord], model: str, cache: str) -> None:
-    write_atomic(path, json.dumps(trace_document(records, model, cache), indent=1).encode())
+def trace_document(records: list[StepRecord], model: str, cache: str, prompt: str, text: str) -> dict:
+    """What `kvgen trace --json` prints: the run, its generated text and every step's full record."""
+    return {"model": model, "cache": cache, "prompt": prompt, "text": text, "steps": [asdict(r) for r in records]}
 
 
 # ---------------------------------------------------------------- plots

@@ -128,7 +128,7 @@ regenerate this page (on the same machine the shapes and tokens come out the sam
 differ from run to run).* Run it yourself with `kvgen trace`:
 
 ```sh
-kvgen trace {prompt!r} -n {n} --cache dynamic --plot trace.png --json trace.json
+kvgen trace {prompt!r} -n {n} --cache dynamic --plot trace.png -o trace.json
 kvgen trace {prompt!r} -n {n} --cache static
 kvgen compare {prompt!r} -n {n} --caches dynamic,static --plot compare.png
 kvgen trace {prompt!r} -n {n} --attention {global_layer},0 --plot attention.png

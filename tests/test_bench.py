@@ -35,7 +35,7 @@ def bench_run(gemma3_tiny, tmp_path_factory):
     (tmp / "hide" / "llama_cpp").mkdir(parents=True)
     (tmp / "hide" / "llama_cpp" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp / "hide"), os.environ.get("PYTHONPATH")])))
-    args = ["-m", gemma3_tiny, "--json", tmp / "out.json", "--plot", tmp / "out.png", "--dtype", "float32"]
+    args = ["-m", gemma3_tiny, "-o", tmp / "out.json", "--plot", tmp / "out.png", "--dtype", "float32"]
     args += ["--new-tokens", 8, "--prompt-tokens", 16, "--batch", "1,2", "--against", "hf,llama.cpp", "--threads", 1]
     args += ["--reference"]
     done = subprocess.run(
@@ -97,7 +97,7 @@ BAD = {
     "unknown peer": (["--against", "vllm"], "unknown system 'vllm'"),
     "one new token": (["--new-tokens", "1"], "--new-tokens must be at least 2"),
     "plot not png": (["--plot", "{tmp}/out.txt"], "name the file *.png"),
-    "json folder missing": (["--json", "{tmp}/no/such/out.json"], "does not exist"),
+    "json folder missing": (["-o", "{tmp}/no/such/out.json"], "does not exist"),
     "context overflow": (["--prompt-tokens", "250", "--new-tokens", "64"], "exceed the model's context of 256"),
     "missing model": (["-m", "/no/such/model"], "model not found"),
 }

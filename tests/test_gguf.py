@@ -30,9 +30,9 @@ from kvgen.cli import main
 from kvgen.generate import generate_tokens
 from kvgen.loading import convert as convert_module
 from kvgen.loading.blocks import DECODERS, to_quant
-from kvgen.quant import QuantEmbedding, QuantLinear, int4_available, pack_int4, unpack_int4
 from kvgen.loading.convert import cached_folder, content_key, convert_gguf
 from kvgen.loading.tokenizer import load_tokenizer
+from kvgen.quant import QuantEmbedding, QuantLinear, int4_available, pack_int4, unpack_int4
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen2, build_qwen3
 
 TEXTS = [
@@ -766,7 +766,9 @@ def test_progress_bar_on_a_terminal(sources, cache, tmp_path, monkeypatch, capsy
 
 
 # Where torch's CPU int4 kernel is missing or packs another way, GGUFs run dequantized: nothing to test.
-needs_int4 = pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout")
+needs_int4 = pytest.mark.skipif(
+    not int4_available(), reason="this torch build has no CPU int4 kernel in the known layout"
+)
 
 
 def quantized_weight(qtype: str, rows: int = 64, cols: int = 512, seed: int = 3, dtype=torch.float32):
@@ -887,7 +889,9 @@ def test_quantized_weights_are_made_once_into_the_cache(sources, cache, tmp_path
     assert torch.equal(again.dequantize(), first.dequantize())
     store.write_bytes(b"not a safetensors file")  # a broken store is made again, and replaced
     monkeypatch.setattr(blocks_module, "quantize_file", quantize_file)
-    assert torch.equal(kvgen.load(path, dtype="float32", quantize="int4").model.lm_head.dequantize(), first.dequantize())
+    assert torch.equal(
+        kvgen.load(path, dtype="float32", quantize="int4").model.lm_head.dequantize(), first.dequantize()
+    )
     assert store.stat().st_size > 100
 
 
@@ -900,7 +904,7 @@ def test_quality_command_reports_the_divergence(sources, cache, tmp_path, capsys
     text = tmp_path / "text.txt"
     text.write_text("It was the best of times, it was the worst of times. " * 20)
     out = tmp_path / "q.json"
-    assert main(["quality", str(text), "-m", str(path), "--dtype", "bfloat16", "--tokens", "200", "--json", str(out)]) == 0
+    assert main(["quality", str(text), "-m", str(path), "--dtype", "bfloat16", "--tokens", "200", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     figures = json.loads(out.read_text())
     assert "mean KLD" in printed and f"{figures['mean_kld']:.5f}" in printed

@@ -145,7 +145,7 @@ def test_cli_table_json_and_plot(cli, tmp_path, llama):
     out_json, out_png = tmp_path / "ppl.json", tmp_path / "ppl.png"
     code, out, err = cli(
         "perplexity", text, "-m", folder, "--cache", "dense,window", "--cache", "sink", "--cache", "recompute",
-        "--window", 20, "--sinks", 2, "--max-tokens", 100, "--json", out_json, "--plot", out_png,
+        "--window", 20, "--sink-tokens", 2, "--max-tokens", 100, "-o", out_json, "--plot", out_png,
     )  # fmt: skip
     assert code == 0, err
     assert "scoring the first 64 of 100 tokens" in err  # dense caps every policy at the context
@@ -166,7 +166,7 @@ def test_cli_table_json_and_plot(cli, tmp_path, llama):
         mp.setattr("sys.stdin", io.StringIO(TRAINING_TEXT))
         code, out, err = cli(
             "perplexity", "-", "-m", folder, "--cache", "sink,recompute", "--max-tokens", 150, "--every", 10,
-            "--json", out_json,
+            "-o", out_json,
         )  # fmt: skip
     assert code == 0 and "150 tokens, every 10th" in out and "note" not in err
     doc = json.loads(out_json.read_text())
@@ -180,7 +180,7 @@ def test_the_built_in_long_text(cli, tmp_path, llama):
     assert "**" not in text and "\n#" not in text and not any(line.endswith(" ") for line in text.splitlines())
     folder, _ = llama
     out_json = tmp_path / "ppl.json"
-    code, _, err = cli("perplexity", "-m", folder, "--cache", "sink", "--max-tokens", 80, "--json", out_json)
+    code, _, err = cli("perplexity", "-m", folder, "--cache", "sink", "--max-tokens", 80, "-o", out_json)
     assert code == 0, err
     (run,) = json.loads(out_json.read_text())["runs"]
     assert run["tokens"] == 79 and math.isfinite(run["perplexity"])
@@ -198,13 +198,13 @@ def test_cli_refusals(cli, tmp_path, llama, gpt2_tiny):
         (short, "-m", folder),
         (text, "-m", folder, "--cache", "full"),
         (text, "-m", folder, "--cache", "sink", "--window", 0),
-        (text, "-m", folder, "--cache", "sink", "--sinks", -1),
+        (text, "-m", folder, "--cache", "sink", "--sink-tokens", -1),
         (text, "-m", folder, "--cache", "sink", "--window", 61),
         (text, "-m", folder, "--cache", "recompute", "--window", 65),
         (text, "-m", folder, "--max-tokens", 0),
         (text, "-m", folder, "--every", 0),
         (text, "-m", folder, "--plot", tmp_path / "plot.jpg"),
-        (text, "-m", folder, "--json", tmp_path / "no" / "such" / "folder.json"),
+        (text, "-m", folder, "-o", tmp_path / "no" / "such" / "folder.json"),
     ]
     for case in cases:
         code, _, err = cli("perplexity", *case)

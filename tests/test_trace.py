@@ -117,41 +117,35 @@ def assert_png(path, width, height):
     assert rgb.std() > 0.05 and (rgb.mean(-1) < 0.9).mean() > 0.01  # not blank: drawn lines and text
 
 
-def test_cli_trace_table_json_plot(cli, gemma3_folder, tmp_path):
-    code, out, _ = cli(
-        "trace",
-        PROMPT,
-        "-m",
-        gemma3_folder,
-        "-n",
-        N,
-        "--ignore-eos",
-        "--dtype",
-        "float32",
-        "--cache",
-        "static",
-        "--json",
-        tmp_path / "t.json",
-        "--plot",
-        tmp_path / "t.png",
-    )
+def test_cli_trace_table_json_plot(cli, gemma3_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # an 80-column terminal (rich reads $COLUMNS): the table must fit it
+    args = ("trace", PROMPT, "-m", gemma3_folder, "-n", N, "--ignore-eos", "--dtype", "float32", "--cache", "static")
+    code, out, _ = cli(*args, "-o", tmp_path / "t.json", "--plot", tmp_path / "t.png")
     assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80, out
     doc = json.loads((tmp_path / "t.json").read_text())
-    assert doc["cache"] == "static" and len(doc["steps"]) == N
-    T = doc["steps"][0]["input_ids"][1]
-    assert doc["steps"][0]["phase"] == "prefill" and doc["steps"][1]["input_ids"] == [1, 1]
-    assert [layer["kind"] for layer in doc["steps"][0]["layers"]] == ["ring", "static"]
-    for text in (
-        "prefill",
-        "decode",
-        f"({1}, {T})",
-        f"mask (1, 1, {T}, {WINDOW + T})",
-        "ring of 4, filled 4",
-        "allocated",
-    ):
-        assert text in out
+    assert doc["cache"] == "static" and doc["prompt"] == PROMPT and len(doc["steps"]) == N
+    steps = doc["steps"]
+    T, vocab = steps[0]["input_ids"][1], steps[0]["logits"][1]
+    assert steps[0]["phase"] == "prefill" and steps[1]["input_ids"] == [1, 1]
+    assert [layer["kind"] for layer in steps[0]["layers"]] == ["ring", "static"]
+    lines = [line.strip() for line in out.splitlines()]
+    # Step 0's cells, each phrase on a line of its own: nothing is cut mid-phrase at 80 columns.
+    for text in (f"(1, {T}) at", f"[0..{T - 1}]", f"→ (1, {vocab})", "L0, window 4", f"mask (1, 1, {T}, {WINDOW + T})"):
+        assert any(line.startswith(text) or f" {text}" in line for line in lines), text
+    for i, step in enumerate(steps):
+        chosen = step["chosen"][0]
+        assert f"{chosen['id']} {chosen['text']!r} {chosen['prob']:.3f}" in out
+        assert "ring of 4" in out and f"allocated {T + N}" in out
+        assert f"filled {T + i}, write @ {T + i}" in out and f"filled 4, write @ {(T + i) % 4}" in out
+        assert ("prefill" if i == 0 else "decode") in out
+    assert f"text: {doc['text']!r}" in out
     assert_png(tmp_path / "t.png", 1000, 340)
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
+
+    # A long prompt and its text wrap too; nothing in the table is wider than the terminal.
+    code, out, _ = cli("trace", PROMPT * 8, "-m", gemma3_folder, "-n", 2, "--dtype", "float32")
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80, out
 
 
 def test_cli_attention_plot(cli, gemma3_folder, tmp_path):
@@ -169,7 +163,7 @@ def test_cli_attention_plot(cli, gemma3_folder, tmp_path):
         "1,3",
         "--plot",
         tmp_path / "a.png",
-        "--json",
+        "-o",
         tmp_path / "a.json",
     )
     assert code == 0
@@ -246,7 +240,8 @@ BAD = {
     ),
     "attention without plot": (["trace", "hi", "-m", "{model}", "--attention", "0"], "give --plot"),
     "plot in missing folder": (["trace", "hi", "-m", "{model}", "--plot", "{tmp}/no/such/p.png"], "does not exist"),
-    "json in missing folder": (["trace", "hi", "-m", "{model}", "--json", "{tmp}/no/t.json"], "does not exist"),
+    "json in missing folder": (["trace", "hi", "-m", "{model}", "-o", "{tmp}/no/t.json"], "does not exist"),
+    "json given a file": (["trace", "hi", "-m", "{model}", "--json", "{tmp}/t.json"], "unrecognized arguments"),
     "plot not png": (["compare", "hi", "-m", "{model}", "--caches", "dynamic,static", "--plot", "{tmp}/p.jpg"], "PNG"),
 }
 
