@@ -57,7 +57,9 @@ def int4_available() -> bool:
     """Whether this torch build has the CPU int4 kernel and packs it as `pack_int4` does (checked on
     a probe: the layout is the kernel's business, and it could change with a build)."""
     try:
-        u = torch.randint(0, 16, (2 * BLOCK_ROWS, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        u = torch.randint(
+            0, 16, (2 * BLOCK_ROWS, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+        )
         theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
     except (AttributeError, RuntimeError):
         return False

@@ -52,7 +52,9 @@ def running_server(model: Path | str, *args: str, log: Path, threads: int = 1) -
 
 
 @contextmanager
-def server_process(model: Path | str, *args: str, log: Path, threads: int = 1) -> Iterator[tuple[subprocess.Popen, str]]:
+def server_process(
+    model: Path | str, *args: str, log: Path, threads: int = 1
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """`kvgen serve`, as `running_server`: yields the process too."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -120,7 +120,9 @@ def _best_quantized_s(times: dict, name: str) -> float:
     return min(times.get(f"{name}_int4_s", float("inf")), times.get(f"{name}_int8_s", float("inf")))
 
 
-def fastest_dtype(device: torch.device | str = "cpu", cache_dir: Path | None = None, quantized: bool = False) -> torch.dtype:
+def fastest_dtype(
+    device: torch.device | str = "cpu", cache_dir: Path | None = None, quantized: bool = False
+) -> torch.dtype:
     """bfloat16 on a GPU; on a CPU whichever of float32 and bfloat16 decodes faster, by its
     faster kernel, measured once. For `quantized` weights, by their kernels where those pay."""
     if torch.device(device).type != "cpu":

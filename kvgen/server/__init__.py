@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 
-
 GRACE_SECONDS = 5  # on SIGTERM/SIGINT, how long running requests may take to finish before they are cancelled
 
 
@@ -66,4 +65,3 @@ def serve(
     server.handle_exit = second_signal_forces
     server.run()
     print("kvgen: stopped", flush=True)
-

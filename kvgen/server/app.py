@@ -362,7 +362,9 @@ def check_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise APIError(400, f"{param} is not valid Unicode text: a lone surrogate at character {e.start}", param=param) from None
+        raise APIError(
+            400, f"{param} is not valid Unicode text: a lone surrogate at character {e.start}", param=param
+        ) from None
 
 
 def create_app(
