@@ -14,27 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
+from serving import MODEL_NAME, kvgen_server
 
 WORDS = (
     "the ship sailed north past the harbour lights while the crew argued about maps weather supper and "
     "whether the captain had ever seen the island he described so often in his letters home"
 ).split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prefix(seed: int, words: int) -> str:
@@ -73,24 +62,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    name = "bench-model"
-    command = [sys.executable, "-m", "kvgen", "serve", "--port", str(port), "--dtype", args.dtype]
-    command += ["--served-model-name", name] + (["-m", args.model] if args.model else [])
-    log = Path(tempfile.mkdtemp()) / "serve.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"kvgen serve did not start:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    name = MODEL_NAME
+    with kvgen_server(args.model, "--dtype", args.dtype) as (_, url):
         ttft(url, name, "Warm up.", 2)  # first-call costs (allocations, lazy imports) out of the figures
         runs = {"cold": [], "shared": [], "other": []}
         for r in range(args.repeats):
@@ -100,9 +73,6 @@ def main() -> None:
             )
             runs["shared"].append(ttft(url, name, prefix(2 * r + 1, words) + "Question: who argued?", args.max_tokens))
             runs["other"].append(ttft(url, name, prefix(2 * r + 2, words) + "Question: who argued?", args.max_tokens))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     print(f"{'request':<8} {'prompt tok':>10} {'cached tok':>10} {'TTFT s (median)':>16}")
     results = {}

@@ -200,7 +200,8 @@ def test_row_cache_rows_are_independent():
 @pytest.mark.parametrize("dtype, heads", [(torch.bfloat16, 4), (torch.bfloat16, 1), (torch.float32, 1)])
 def test_each_row_of_a_batch_attends_as_it_would_alone(dtype, heads):
     """Decode attention over rows of different lengths (slots past a row's length empty, position
-    -1): each row's output is bit for bit the row's own attention over its own slots."""
+    -1, as in a batch or a static cache): each row's output is bit for bit the row's own attention
+    over its own slots, in a batch of 3 and alone in the padded slots."""
     from kvgen.models.layers import attention, attention_mask
 
     torch.manual_seed(0)
@@ -213,9 +214,12 @@ def test_each_row_of_a_batch_attends_as_it_would_alone(dtype, heads):
     query_positions = torch.tensor(lengths)[:, None]
     together = attention(q, k, v, attention_mask(query_positions, key_positions), 0.125)
     for b, n in enumerate(lengths):
-        mask = attention_mask(query_positions[b : b + 1], key_positions[b : b + 1, :n])
-        alone = attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], mask, 0.125)
-        assert torch.equal(together[b], alone[0])
+        one = slice(b, b + 1)
+        alone = attention(
+            q[one], k[one, :, :n], v[one, :, :n], attention_mask(query_positions[one], key_positions[one, :n]), 0.125
+        )
+        padded = attention(q[one], k[one], v[one], attention_mask(query_positions[one], key_positions[one]), 0.125)
+        assert torch.equal(together[b], alone[0]) and torch.equal(padded, alone)
 
 
 def test_prefix_cache_lookup_and_lru_bound():

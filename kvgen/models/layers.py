@@ -78,7 +78,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcas
     work = torch.float32 if upcast else storage_dtype(dtype, q.device, group_size) if few else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copy of a cache already stored in `work`
     grouped = few and work == torch.bfloat16 and group_size > 1
-    if few and q.shape[0] > 1:
+    if few:
         return rowwise_attention(q, k, v, mask, scale, grouped).to(dtype)
     return _attend(q, k, v, mask, scale, grouped).to(dtype)  # (B, H, T, D)
 
@@ -94,13 +94,16 @@ def rowwise_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
 
     SDPA's sums depend on how many slots a call has, even where the extra ones are masked: in a
     batch, a row would attend over as many slots as the longest row holds, and its numbers would
-    change with what else runs beside it (a greedy answer that changes under load). Alone and cut
-    to its own visible span, a row computes the same bits whatever the batch. One call per row
-    costs little beside a decode step's weight products (docs/server.md).
+    change with what else runs beside it (a greedy answer that changes under load); a static
+    cache's unwritten tail would likewise make its answers differ from a dynamic cache's. Alone
+    and cut to its own visible span, a row computes the same bits whatever the batch and the
+    cache. One call per row costs little beside a decode step's weight products (docs/server.md).
     """
     visible = mask.any(dim=2)[:, 0]  # (B, S): slots some query of the row may see
     first = visible.int().argmax(dim=1).tolist()
     end = (visible.shape[1] - visible.flip(1).int().argmax(dim=1)).tolist()
+    if len(first) == 1 and first[0] == 0 and end[0] == k.shape[2]:
+        return _attend(q, k, v, mask, scale, grouped)  # one row, every slot in its span: nothing to cut
     rows = [
         _attend(q[b : b + 1], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], mask[b : b + 1, :, :, s:e], scale, grouped)
         for b, (s, e) in enumerate(zip(first, end))
