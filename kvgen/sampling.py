@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# A temperature below this samples as 0 does (vLLM's threshold too): the draw is the argmax all but
+# surely, and dividing logits by a temperature near 0 overflows float32 (NaN probabilities).
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,9 +55,11 @@ class SamplingParams:
 
 
 def repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
-    """CTRL's penalty on every token in `history` (B, L): positive logits divided, negative multiplied."""
+    """CTRL's penalty on every token in `history` (B, L): positive logits divided, negative multiplied.
+    A penalty near 0 divides past float32's range: such logits are held at its largest value."""
     seen = logits.gather(-1, history)
-    return logits.scatter(-1, history, torch.where(seen < 0, seen * penalty, seen / penalty))
+    penalised = torch.where(seen <= 0, seen * penalty, seen / penalty)  # 0 * penalty, never 0 / 0
+    return logits.scatter(-1, history, penalised.clamp(max=torch.finfo(logits.dtype).max))
 
 
 def top_k(logits: Tensor, k: int) -> Tensor:
@@ -83,9 +89,9 @@ def sample(
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history is not None:
         logits = repetition_penalty(logits, history, params.repetition_penalty)
-    if params.greedy:
+    if params.greedy or params.temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    logits = (logits / params.temperature).clamp(max=torch.finfo(logits.dtype).max)  # a penalised logit's inf
     if params.top_k:
         logits = top_k(logits, params.top_k)
     if params.top_p < 1.0:

@@ -44,6 +44,12 @@ class IncrementalDecoder:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return after[len(before) :]
 
+    def held(self) -> str:
+        """The whole characters of the tokens that `add` holds back, waiting for a character's last byte."""
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        return after[len(before) :].rstrip("\ufffd")
+
     def flush(self) -> str:
         """What the last tokens decode to even if they end inside a character (the row has ended)."""
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])

@@ -49,6 +49,19 @@ def test_greedy_is_argmax_and_limits_equal_greedy(logits):
         assert torch.equal(sample(logits, params, params.generator()), greedy)
 
 
+def test_values_near_zero_sample_their_limit_not_nan(logits):
+    """A temperature or repetition penalty so near 0 that dividing by it overflows float32 (the
+    smallest positive double, as a fuzzer sends) samples what the values tend to."""
+    for temperature in (1e-6, 1e-40, 5e-324):
+        params = SamplingParams(temperature=temperature, seed=0)
+        assert torch.equal(sample(logits, params, params.generator()), logits.argmax(-1))
+    second = logits.topk(2, dim=-1).indices[:, 1:]  # (B, 1): each row's second most likely token
+    assert (logits.gather(-1, second) > 0).all()  # so a penalty below 1 raises it above the first
+    for penalty in (1e-40, 5e-324):
+        params = SamplingParams(temperature=0.5, repetition_penalty=penalty, seed=0)
+        assert torch.equal(sample(logits, params, params.generator(), second), second[:, 0])
+
+
 def test_same_seed_same_draws(logits):
     def draws(params):
         generator = params.generator()

@@ -23,18 +23,27 @@ from typing import Any, AsyncIterator, Awaitable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from ..chat import chat_template, render
 from ..grammar import json_schema_grammar, lark_grammar
 from ..sampling import SamplingParams
+from ..text import IncrementalDecoder
 from ..tools import call_grammar, choose, open_prefix, parse_calls, supports_tools, template_messages
 from .engine import Engine, EngineRequest, Event, Failed, QueueFull, Started, Token
-from .schemas import ChatRequest, CompletionRequest, unsupported
+from .schemas import ChatRequest, CompletionRequest, ErrorResponse, unsupported
 
 log = logging.getLogger("kvgen.server")
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+# The error responses the OpenAPI schema documents; validation errors are among the 400s (not FastAPI's 422).
+ERRORS = {
+    400: "Invalid request: not JSON, a field of the wrong type or out of range, an unknown field, too long a prompt",
+    401: "Missing or wrong API key (when the server has one)",
+    404: "No such model",
+    429: "The queue is full: retry later",
+}
 
 
 class APIError(Exception):
@@ -95,23 +104,21 @@ class Server:
             )
 
     def prompt_ids(self, prompt: Any) -> list[list[int]]:
-        """OpenAI's four prompt forms -> token ids per prompt."""
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        """OpenAI's four prompt forms (none empty: `CompletionRequest` checks) -> token ids per prompt."""
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", param="prompt")
         vocab = self.lm.model.config.vocab_size
         out = []
         for p in prompt:
             if isinstance(p, str):
                 check_text(p, "prompt")
                 with self.encode_lock:
-                    ids = self.lm.tokenizer.encode(p) if p else []
+                    ids = self.lm.tokenizer.encode(p)
             else:
                 ids = list(p)
                 if any(not 0 <= i < vocab for i in ids):
                     raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
-            if not ids:
+            if not ids:  # text that the tokenizer drops entirely
                 raise APIError(400, "prompt must not be empty", param="prompt")
             out.append(ids)
         return out
@@ -122,8 +129,6 @@ class Server:
             content = (
                 m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
             )
-            if content is None and not m.tool_calls:
-                raise APIError(400, "a message needs 'content'", param="messages")
             if content is not None:
                 check_text(content, "messages")
             message = {"role": "system" if m.role == "developer" else m.role, "content": content}
@@ -184,17 +189,30 @@ class Server:
             raise APIError(400, str(e), param=wanted[0]) from None
         return grammar
 
-    def max_tokens(self, asked: int | None, prompt_len: int, default: int | None, param: str) -> int:
+    def max_tokens(self, asked: int | None, prompt_len: int, default: int | None, param: str, prompt_param: str) -> int:
         """What to generate: as asked, else `default`, else (and at most) the context left, as vLLM
-        does; never more than the server's `max_tokens_limit`, which also caps what goes unasked."""
+        does; never more than the server's `max_tokens_limit`, which also caps what goes unasked.
+
+        A 400 names `prompt_param` when the prompt alone leaves no room (0 tokens asked: when it
+        does not fit), and `param` when the prompt fits but the tokens asked do not.
+        """
         context, limit = self.engine.context_length, self.max_tokens_limit
         left = context - prompt_len
+        if left < (0 if asked == 0 else 1):
+            room = "does not fit in it" if asked == 0 else "leaves no room for a completion"
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, your prompt has "
+                f"{prompt_len} tokens, which {room}. Please reduce the length of the prompt.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         wanted = asked if asked is not None else min(default or left, left, limit or left)
-        if wanted > left or left < 1:
+        if wanted > left:
             raise APIError(
                 400,
                 f"This model's maximum context length is {context} tokens. However, you requested "
-                f"{prompt_len + max(wanted, 1)} tokens ({prompt_len} in the prompt, {max(wanted, 1)} in the completion). "
+                f"{prompt_len + wanted} tokens ({prompt_len} in the prompt, {wanted} in the completion). "
                 "Please reduce the length of the prompt or completion.",
                 param=param,
                 code="context_length_exceeded",
@@ -299,6 +317,8 @@ async def events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Event]]:
             choice = choices[index]
             if isinstance(event, Started):
                 choice.started = event
+                if choice.request.max_tokens == 0:  # echo's scoring idiom: the prompt is the whole answer
+                    choice.finish_reason = "length"
             elif isinstance(event, Token):
                 choice.tokens.append(event)
                 choice.finish_reason = event.finish_reason
@@ -367,12 +387,27 @@ def check_text(text: str, param: str) -> None:
         ) from None
 
 
+def telling(errors: list[dict]) -> dict:
+    """The validation error to report: where a union's members all failed, one that failed on the
+    value, not the type (an empty prompt is too short, not "should be a list")."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request", "type": "invalid"}
+    return next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
+
+
+def error_responses(*codes: int, keyed: bool) -> dict:
+    """OpenAPI `responses` for these error codes (all of ERRORS by default); 401 only where a key is set."""
+    codes = codes or tuple(ERRORS)
+    return {c: {"model": ErrorResponse, "description": ERRORS[c]} for c in codes if c != 401 or keyed}
+
+
 def create_app(
     engine: Engine, model_name: str, api_key: str | None = None, max_tokens_limit: int | None = None
 ) -> FastAPI:
     """The FastAPI application; the engine thread starts and stops with it. `max_tokens_limit` caps
     the tokens one request generates, so that no request holds a row for a whole context."""
     server = Server(engine, model_name, max_tokens_limit)
+    keyed = bool(api_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -380,7 +415,9 @@ def create_app(
         yield
         engine.stop()
 
-    app = FastAPI(title="kvgen", summary="OpenAI-compatible text generation", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the fastapi-offline package:
+    # FastAPI's own pages load them from a CDN, and are blank offline.
+    app = FastAPIOffline(title="kvgen", summary="OpenAI-compatible text generation", version="0.1.0", lifespan=lifespan)
     app.state.server = server
 
     @app.middleware("http")
@@ -401,18 +438,26 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        first = telling(e.errors())
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
             return APIError(400, f"The request body is not valid JSON: {first.get('msg')}").response()
         if first.get("type") == "extra_forbidden":
             return APIError(400, f"Unrecognized request argument supplied: {loc[-1]}", param=loc[-1]).response()
-        where = ".".join(loc) or "body"  # names the union member too, e.g. stop.list[str]
-        return APIError(400, f"{where}: {first.get('msg')}", param=loc[0] if loc else None).response()
+        # Field names and indices, not the names pydantic makes up for union members ("constrained-str")
+        where = ".".join(p for p in loc if p.isidentifier() or p.isdigit()) or "body"
+        message = first.get("msg")
+        if first.get("type") == "value_error":  # our own validators' words, without pydantic's "Value error, "
+            message = str(first["ctx"]["error"])
+        elif first.get("type") == "string_unicode":  # what a constrained str says of "\ud800"; see check_text
+            message = "not valid Unicode text: a lone surrogate"
+        return APIError(400, f"{where}: {message}", param=loc[0] if loc else None).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return APIError(e.status_code, str(e.detail), "invalid_request_error").response()
+        response = APIError(e.status_code, str(e.detail), "invalid_request_error").response()
+        response.headers.update(e.headers or {})  # a 405's Allow, which HTTP requires
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
@@ -423,22 +468,29 @@ def create_app(
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/models", summary="The one model this server serves")
+    @app.get("/v1/models", summary="The one model this server serves", responses=error_responses(401, keyed=keyed))
     async def models() -> dict:
         return {"object": "list", "data": [model_card(server)]}
 
-    @app.get("/v1/models/{model:path}", summary="One model")
+    @app.get("/v1/models/{model:path}", summary="One model", responses=error_responses(401, 404, keyed=keyed))
     async def model(model: str) -> dict:
         server.check_model(model)
         return model_card(server)
 
-    @app.post("/v1/completions", summary="OpenAI completions: continue a prompt")
+    @app.post(
+        "/v1/completions", summary="OpenAI completions: continue a prompt", responses=error_responses(keyed=keyed)
+    )
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         check_unsupported(body)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(
+                400, "max_tokens 0 generates nothing: it needs echo (the prompt's logprobs)", param="max_tokens"
+            )
         prompts = server.prompt_ids(body.prompt)
         max_tokens = [
-            server.max_tokens(body.max_tokens, len(p), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens") for p in prompts
+            server.max_tokens(body.max_tokens, len(p), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
+            for p in prompts
         ]
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         grammar = await server.grammar(body)
@@ -457,7 +509,9 @@ def create_app(
         return await unless_disconnected(request, reply.collect())
 
     @app.post(
-        "/v1/chat/completions", summary="OpenAI chat completions: reply to a conversation (the model's chat template)"
+        "/v1/chat/completions",
+        summary="OpenAI chat completions: reply to a conversation (the model's chat template)",
+        responses=error_responses(keyed=keyed),
     )
     async def chat_completions(body: ChatRequest, request: Request):
         server.check_model(body.model)
@@ -468,7 +522,7 @@ def create_app(
         grammar = await server.grammar(body, tools)
         ids = server.chat_ids(body, body.tools if tools[0] != "none" else None)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = server.max_tokens(asked, len(ids), None, "max_completion_tokens")
+        max_tokens = server.max_tokens(asked, len(ids), None, "max_completion_tokens", "messages")
         stop = ([body.stop] if isinstance(body.stop, str) else list(body.stop or [])) + server.template_stops
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         choices = server.submit(body, [ids], [max_tokens], stop, grammar, logprobs=logprobs)
@@ -493,10 +547,16 @@ def create_app(
     schema_of = app.openapi
 
     def openapi() -> dict:
-        """The generated schema, naming the one model served (clients and fuzzers then send it)."""
+        """The generated schema, naming the one model served (clients and fuzzers then send it), and
+        without FastAPI's 422: this server answers invalid requests with 400 and OpenAI's error object."""
         schema = schema_of()
         for name in ("CompletionRequest", "ChatRequest"):
             schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema["components"]["schemas"].pop(name, None)
         return schema
 
     app.openapi = openapi
@@ -604,19 +664,32 @@ def error_doc(message: str) -> dict:
     return {"message": e.message, "type": e.type, "param": None, "code": None}
 
 
+def text_offsets(pieces: list[str], start: int = 0) -> list[int]:
+    """Where each piece begins in the text that the pieces join to, that text beginning at `start`."""
+    offsets = []
+    for piece in pieces:
+        offsets.append(start)
+        start += len(piece)
+    return offsets
+
+
 class CompletionReply(_Reply):
+    """Completions. With `logprobs`, each token's `text_offset` indexes the returned `text`, which
+    evaluation harnesses rely on to find where a continuation's tokens begin: a prompt token's is
+    the length of the whole characters that the tokens before it decode to in that text (a BOS
+    adds none), a generated token's where the text that came with it begins (as streamed)."""
+
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def logprobs(self, entries: list[tuple[int, float | None, list]], offset: int) -> dict:
+    def __init__(self, server: Server, body, choices: list[Choice]) -> None:
+        super().__init__(server, body, choices)
+        self.echoed: dict[int, tuple[str, list[int]]] = {}  # per choice: the echoed prompt, its tokens' offsets
+
+    def logprobs(self, entries: list[tuple[int, float | None, list]], offsets: list[int]) -> dict:
         """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-        tokens = [self.token_text(t) for t, _, _ in entries]
-        offsets = []
-        for text in tokens:
-            offsets.append(offset)
-            offset += len(text)
         return {
-            "tokens": tokens,
+            "tokens": [self.token_text(t) for t, _, _ in entries],
             "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [None if lp is None else {self.token_text(i): v for i, v in top} for _, lp, top in entries],
             "text_offset": offsets,
@@ -626,38 +699,52 @@ class CompletionReply(_Reply):
         scored = choice.started.prompt_logprobs or [(None, [])] * len(choice.prompt_ids)
         return [(t, lp, top) for t, (lp, top) in zip(choice.prompt_ids, scored)]
 
+    def echo(self, choice: Choice) -> tuple[str, list[int]]:
+        """The prompt's text, decoded as generated text is, and each prompt token's offset in it:
+        the whole characters that the tokens before it decode to."""
+        if choice.index not in self.echoed:
+            decoder = IncrementalDecoder(self.server.lm.tokenizer, [])
+            text, held, offsets = "", "", []
+            for token in choice.prompt_ids:
+                offsets.append(len(text) + len(held))
+                piece = decoder.add(token)
+                text += piece
+                held = "" if piece else decoder.held()
+            self.echoed[choice.index] = text + decoder.flush(), offsets  # ids may end inside a character
+        return self.echoed[choice.index]
+
     def prompt_text(self, choice: Choice) -> str:
-        return self.server.lm.tokenizer.decode(
-            choice.prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        return self.echo(choice)[0]
 
     def choice(self, c: Choice) -> dict:
-        text = c.text
+        prompt = self.prompt_text(c) if self.body.echo else ""
         logprobs = None
         if self.body.logprobs is not None:
             entries = [(t.token_id, t.logprob, t.top_logprobs) for t in c.tokens]
+            offsets = text_offsets([t.text for t in c.tokens], len(prompt))
             if self.body.echo:
                 entries = self.prompt_entries(c) + entries
-            logprobs = self.logprobs(entries, 0)
-        if self.body.echo:
-            text = self.prompt_text(c) + text
-        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+                offsets = self.echo(c)[1] + offsets
+            logprobs = self.logprobs(entries, offsets)
+        return {"index": c.index, "text": prompt + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
     def deltas(self, choice: Choice, event: Event) -> list[dict]:
         if isinstance(event, Started):
             if not self.body.echo:
                 return []
-            logprobs = self.logprobs(self.prompt_entries(choice), 0) if self.body.logprobs is not None else None
-            return [
-                {"index": choice.index, "text": self.prompt_text(choice), "logprobs": logprobs, "finish_reason": None}
-            ]
+            logprobs = None
+            if self.body.logprobs is not None:
+                logprobs = self.logprobs(self.prompt_entries(choice), self.echo(choice)[1])
+            # finish_reason is set already where nothing is generated (max_tokens 0)
+            delta = {"text": self.prompt_text(choice), "logprobs": logprobs, "finish_reason": choice.finish_reason}
+            return [{"index": choice.index, **delta}]
         if not (event.text or event.finish_reason or self.body.logprobs is not None):
             return []
         logprobs = None
-        if self.body.logprobs is not None:
+        if self.body.logprobs is not None:  # the offset in the text streamed so far, echo included
             done = len(self.prompt_text(choice)) if self.body.echo else 0
-            offset = done + sum(len(self.token_text(t.token_id)) for t in choice.tokens[:-1])
-            logprobs = self.logprobs([(event.token_id, event.logprob, event.top_logprobs)], offset)
+            offset = done + sum(len(t.text) for t in choice.tokens[:-1])
+            logprobs = self.logprobs([(event.token_id, event.logprob, event.top_logprobs)], [offset])
         return [{"index": choice.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}]
 
 

@@ -81,7 +81,7 @@ class EngineRequest:
     """One row's worth of work: a tokenized prompt and how to sample its continuation."""
 
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # 0: the prompt is only prefilled (and scored, with prompt_logprobs), then the request ends
     emit: Callable[[Event], None]  # called on the engine thread
     params: SamplingParams = field(default_factory=SamplingParams)
     presence_penalty: float = 0.0
@@ -264,6 +264,12 @@ class Engine:
         whole = len(ids) - len(ids) % chunk
         if self.prefix_cache is not None and whole > keep:
             self.prefix_cache.store(ids[:whole], [(c.keys[:, :, :whole], c.values[:, :, :whole]) for c in layers])
+        if request.max_tokens == 0:  # scoring only (echo): the prompt is the whole answer; no row is taken
+            self.metrics.prompt_tokens += len(ids)
+            self.metrics.cached_tokens += keep
+            self.metrics.requests["finished"] += 1
+            request.emit(Started(len(ids), keep, prompt_logprobs))
+            return
         for row_cache, cache in zip(self.cache, layers):
             row_cache.put(row, cache.keys, cache.values, cache.positions)
         active = _Active(self.lm, request, row, logits.shape[-1], self.lm.device)

@@ -11,9 +11,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None  # OpenAI takes up to 4 stop strings
+MAX_STOP = 4  # OpenAI takes up to 4 stop strings
+
+
+def _at_most_four(stop: Any) -> Any:
+    # Checked before the union is tried: otherwise the error named is the first member's
+    # ("stop.str: Input should be a valid string"), not the list's length.
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings are allowed, not {len(stop)}")
+    return stop
+
+
+Stop = Annotated[str | Annotated[list[str], Field(max_length=MAX_STOP)] | None, BeforeValidator(_at_most_four)]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# OpenAI's four prompt forms, none of them empty (an empty prompt leaves nothing to continue).
+Prompt = Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -47,7 +62,10 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text, texts, token ids")
+    prompt: Prompt = Field(..., description="text, texts, token ids (each below the vocabulary size), or lists of them")
+    max_tokens: int | None = Field(
+        None, ge=0, description="0 generates nothing: with echo, the prompt's logprobs alone (scoring)"
+    )
     response_format: dict[str, Any] | None = Field(None, description="as in chat: json_object or json_schema")
     guided_grammar: str | None = Field(None, description="vLLM's: a Lark grammar (llguidance's dialect)")
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -63,12 +81,30 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """A message has content, or tool calls instead (an assistant's earlier turn)."""
+
+    # The rule below, in JSON schema, so that the published schema refuses what the server refuses.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+            ]
+        },
+    )
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool result's call
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("a message needs 'content' (an assistant's may have 'tool_calls' instead)")
+        return self
 
 
 class ChatRequest(_Sampling):
@@ -98,3 +134,16 @@ def unsupported(body: _Sampling) -> tuple[str, str] | None:
         if refused:
             return name, f"'{name}' with this value is not supported by this server (kvgen)"
     return None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object: every error this server answers has this shape (validation errors too, as 400)."""
+
+    error: ErrorDetail
