@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .cache import LayerCache, SinkLayerCache, check_sink, make_cache
+from .cache import DynamicLayerCache, LayerCache, SinkLayerCache, check_sink, make_cache
 from .sampling import SamplingParams, sample
 
 
@@ -34,6 +34,37 @@ def prefill(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[Lay
     for i in range(room, tokens.shape[1]):
         logits = model(tokens[:, i : i + 1], positions[:, i : i + 1], cache)
     return logits
+
+
+def prefill_rows(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[LayerCache]) -> Tensor:
+    """`prefill` for a left-padded (B, T) batch, each row computed alone; returns (B, vocab) logits.
+
+    One forward over the whole batch would multiply every row's prompt in one product, whose
+    rounding depends on the other rows (bfloat16 especially): a greedy answer would change with
+    its batch. So each row's real tokens go through the model alone, into a cache of their own, and
+    the batch cache then takes every row's keys and values, left-padded, in one update per layer:
+    the update a batched forward makes, with each row's numbers as its solo run computes them.
+    A cache that moves its keys (the sink cache) is prefilled as one batch.
+    """
+    if tokens.shape[0] == 1 or any(c.rotates_keys for c in cache):
+        return prefill(model, tokens, positions, cache)
+    width = tokens.shape[1]
+    logits, rows = [], []
+    for row_tokens, row_positions in zip(tokens, positions):
+        real = row_positions >= 0
+        own = [DynamicLayerCache(None, shape.group_size) for shape in model.cache_layout()]
+        logits.append(model(row_tokens[real][None], row_positions[real][None], own))
+        rows.append(own)
+    for i, layer in enumerate(cache):
+        keys = torch.cat([_left_padded(own[i].keys, width) for own in rows])
+        values = torch.cat([_left_padded(own[i].values, width) for own in rows])
+        layer.update(keys, values, positions)
+    return torch.cat(logits)
+
+
+def _left_padded(x: Tensor, width: int) -> Tensor:
+    """(1, H, L, D) -> (1, H, width, D), zeros in front (slots at position -1, never attended)."""
+    return torch.cat([x.new_zeros(*x.shape[:2], width - x.shape[2], x.shape[3]), x], dim=2)
 
 
 @torch.inference_mode()
@@ -141,6 +172,7 @@ def generate_tokens(
     tokens, positions = (t.to(device) for t in left_pad(prompts))
     positions = torch.where(positions >= 0, positions + start, positions)
     slots = tokens.shape[1] + max_new_tokens
+    fresh = cache is None  # a cache handed in may hold earlier turns: the prompts continue them as one batch
     if cache is None:
         cache = make_cache(
             cache_kind,
@@ -159,7 +191,7 @@ def generate_tokens(
 
     decode = (decoder if observe is None else plain_decoder)(model, cache, len(prompts))
     started = time.perf_counter()
-    logits = prefill(model, tokens, positions, cache)
+    logits = (prefill_rows if fresh else prefill)(model, tokens, positions, cache)
     position = positions[:, -1] + 1
     for step in range(max_new_tokens):
         if logits_mask is not None:

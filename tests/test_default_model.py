@@ -155,3 +155,18 @@ def test_server_greedy_answers_do_not_depend_on_the_batch_or_the_prompt_cache(ge
         engine.stop()
     assert all(c.events[0].cached_tokens >= 16 for c in together)
     assert [c.tokens for c in together] == alone
+
+
+@pytest.mark.slow
+def test_batch_rows_are_the_rows_run_alone_on_the_default_path(gemma270m):
+    """`generate_batch` on the default path (bfloat16 over the GGUF's quantized weights): each row's
+    greedy tokens are its prompt's run alone. (Prefilled as one batch, the shortest of these rows
+    differed: its prompt's products rounded with the other rows'.)"""
+    lm = kvgen.load(gemma270m[0])
+    prompts = [
+        "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness",
+        "Call me Ishmael. Some years ago, never mind how long precisely",
+        "The capital of France is",
+    ]
+    together = lm.generate_batch(prompts, 32, stop_at_eos=False)
+    assert [r.token_ids for r in together] == [lm.generate(p, 32, stop_at_eos=False).token_ids for p in prompts]

@@ -864,13 +864,23 @@ def test_quantized_path_gives_the_float32_reference_tokens(arch, sources, cache,
 
 
 @needs_int4
-def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path):
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path, cache_kind):
     """kvgen's default on a fast CPU: bfloat16 over the quantized weights. A batch's greedy rows are
-    the rows run alone (decode kernels compute each row the same way whatever the batch)."""
+    the rows run alone: each prompt is prefilled alone (`prefill_rows`), the decode kernels compute
+    each row the same way whatever the batch, and each row attends over its own slots only. Prompts
+    of unlike lengths (left padding), short and long enough for the prompt products (> 8 positions)."""
     path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf", Q.Q4_K, types=MIXED)
     lm = kvgen.load(path, dtype="bfloat16", quantize="int4")
-    prompts = [lm.encode(p) for p in ["It was the best of times", "it was the worst", "the age of wisdom, it was"]]
-    steps = lambda batch: torch.stack(list(generate_tokens(lm.model, batch, 12, decoder=lm.runner.decoder)), 1)  # noqa: E731
+    texts = ["It was the best of times", "it was the worst of times, it was the age of wisdom, it was", "the age"]
+    prompts = [lm.encode(p) for p in texts]
+    assert len({len(p) for p in prompts}) == 3 and max(map(len, prompts)) > 8
+
+    def steps(batch):
+        return torch.stack(
+            list(generate_tokens(lm.model, batch, 12, cache_kind=cache_kind, decoder=lm.runner.decoder)), 1
+        )
+
     together = steps(prompts).tolist()
     assert together == [steps([p])[0].tolist() for p in prompts]
 

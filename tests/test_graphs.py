@@ -78,9 +78,9 @@ class RecordedGraph:
 @pytest.fixture
 def as_on_a_gpu(monkeypatch):
     """The CPU-only shortcuts in a step: off the CPU, masks are never memoised (`layers._same`), and
-    a few queries attend as many (no per-row spans, which read numbers on the host)."""
+    rows are not cut to their spans (which reads numbers on the host)."""
     monkeypatch.setattr(layers, "_same", lambda a, b: False)
-    monkeypatch.setattr(layers, "FEW_QUERIES", 0)
+    monkeypatch.setattr(layers, "CUT_TO_SPANS", False)
 
 
 @pytest.fixture

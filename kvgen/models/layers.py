@@ -60,6 +60,9 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tenso
 
 
 FEW_QUERIES = 128  # on a CPU, steps of at most this many queries attend in `storage_dtype`'s dtype
+# On a CPU, a batch row attends over its own visible slots only (`rowwise_attention`); off it (and
+# in a recorded CUDA graph, where slice bounds read on the host would be frozen) one call serves all.
+CUT_TO_SPANS = True
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcast: bool = False) -> Tensor:
@@ -78,7 +81,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcas
     work = torch.float32 if upcast else storage_dtype(dtype, q.device, group_size) if few else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copy of a cache already stored in `work`
     grouped = few and work == torch.bfloat16 and group_size > 1
-    if few:
+    if CUT_TO_SPANS and q.device.type == "cpu" and (few or q.shape[0] == 1):
         return rowwise_attention(q, k, v, mask, scale, grouped).to(dtype)
     return _attend(q, k, v, mask, scale, grouped).to(dtype)  # (B, H, T, D)
 
