@@ -32,7 +32,7 @@ test: $(STAMP)
 # kvgen beside transformers (and llama.cpp, with `pip install -e '.[bench]'`) on the default model;
 # rewrites docs/bench.json and docs/bench.png. Takes minutes: transformers' GGUF load alone is ~60 s.
 bench: $(STAMP)
-	$(BIN)/kvgen bench --against hf,llama.cpp --reference --batch 1,8 -o docs/bench.json --plot docs/bench.png
+	$(BIN)/kvgen bench --against hf,llama.cpp --reference --batch 1,8 --quality 1024 -o docs/bench.json --plot docs/bench.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

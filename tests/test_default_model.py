@@ -170,3 +170,34 @@ def test_batch_rows_are_the_rows_run_alone_on_the_default_path(gemma270m):
     ]
     together = lm.generate_batch(prompts, 32, stop_at_eos=False)
     assert [r.token_ids for r in together] == [lm.generate(p, 32, stop_at_eos=False).token_ids for p in prompts]
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_greedy_requests_get_their_solo_answers_over_http(gemma270m, lm, tmp_path):
+    """`kvgen serve` on the default model in its default dtype and weights, through the `openai`
+    client: 16 greedy requests at once, on prompts that share a prefix longer than a prefill chunk
+    (so most continue from the prompt cache), give the texts the same requests got alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from test_server import running_server
+
+    from kvgen.perplexity import long_text
+
+    shared = long_text()[20_000:21_400]  # ~330 tokens: one whole 256-position chunk to share
+    prompts = [f"{shared}\n\n{question}" for question in ("Who speaks?", "Where are we?", "What happens next?",
+               "Summary:", "The moral:", "In modern English:", "Why?", "Then")] * 2  # fmt: skip
+    prompts = [p + " " * (i // 8) for i, p in enumerate(prompts)]  # 16 different prompts
+    with running_server(gemma270m[0], "--dtype", "auto", log=tmp_path / "serve.log", threads=2) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def ask(prompt: str):
+            return client.completions.create(
+                model=str(gemma270m[0]), prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+            )
+
+        alone = [ask(p).choices[0].text for p in prompts]
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(ask, prompts))
+    assert sum(r.usage.prompt_tokens_details.cached_tokens >= 256 for r in replies) == 16
+    assert [r.choices[0].text for r in replies] == alone

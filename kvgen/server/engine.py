@@ -264,9 +264,9 @@ class Engine:
         whole = len(ids) - len(ids) % chunk
         if self.prefix_cache is not None and whole > keep:
             self.prefix_cache.store(ids[:whole], [(c.keys[:, :, :whole], c.values[:, :, :whole]) for c in layers])
+        self.metrics.prompt_tokens += len(ids)
+        self.metrics.cached_tokens += keep
         if request.max_tokens == 0:  # scoring only (echo): the prompt is the whole answer; no row is taken
-            self.metrics.prompt_tokens += len(ids)
-            self.metrics.cached_tokens += keep
             self.metrics.requests["finished"] += 1
             request.emit(Started(len(ids), keep, prompt_logprobs))
             return
@@ -274,8 +274,6 @@ class Engine:
             row_cache.put(row, cache.keys, cache.values, cache.positions)
         active = _Active(self.lm, request, row, logits.shape[-1], self.lm.device)
         self.rows[row] = active
-        self.metrics.prompt_tokens += len(ids)
-        self.metrics.cached_tokens += keep
         request.emit(Started(len(ids), keep, prompt_logprobs))
         self._advance([active], logits)
         self.metrics.step(0, 1)

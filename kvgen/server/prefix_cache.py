@@ -1,8 +1,9 @@
-"""Prompt-cache reuse: the KV cache of finished requests' token streams, kept in an LRU bounded by bytes.
+"""Prompt-cache reuse: the KV cache of earlier prompts, kept in an LRU bounded by bytes.
 
 A new request looks up the entry sharing the longest prefix with its prompt and prefills only the
 rest, as a chat session does between turns (`kvgen.chat`): a chat's earlier turns or a common
-system prompt are computed once. Entries hold every layer's keys and values for positions
+system prompt are computed once. The engine stores and reuses whole prefill chunks only
+(`engine.PREFILL_CHUNK`), so that reuse never changes an answer. Entries hold every layer's keys and values for positions
 0 ... L-1 of one stream; lookups hand out views, and the prefill that continues them concatenates
 into new tensors, so an entry is never written after it is stored.
 """
