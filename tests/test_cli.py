@@ -193,6 +193,8 @@ BAD = {
         ["perplexity", "-m", "{model}", "--cache", "dense", "--sink-tokens", "2"],
         "add --cache sink",
     ),
+    "negative token limit": (["serve", "-m", "{model}", "--max-tokens-limit", "-1"], "must be at least 0"),
+    "empty prefill chunks": (["serve", "-m", "{model}", "--prefill-chunk", "0"], "must be at least 1"),
 }
 
 
