@@ -40,6 +40,16 @@ def _version() -> str:
         return "unknown"
 
 
+def _add_sink_tokens_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=SINK_TOKENS,
+        metavar="N",
+        help=f"with --cache sink: first tokens kept (default {SINK_TOKENS})",
+    )
+
+
 def _positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text)
@@ -100,13 +110,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the text")
     p.add_argument("--ignore-eos", action="store_true", help="generate through EOS tokens")
     p.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="sink: run past the context (rotary models)")
-    p.add_argument(
-        "--sink-tokens",
-        type=int,
-        default=SINK_TOKENS,
-        metavar="N",
-        help=f"with --cache sink: first tokens kept (default {SINK_TOKENS})",
-    )
+    _add_sink_tokens_arg(p)
     p.add_argument(
         "--window",
         type=int,
@@ -740,13 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window", type=int, default=None, metavar="N", help="recent tokens kept (default: context - sink tokens)"
     )
-    p.add_argument(
-        "--sink-tokens",
-        type=int,
-        default=SINK_TOKENS,
-        metavar="N",
-        help=f"with --cache sink: first tokens kept (default {SINK_TOKENS})",
-    )
+    _add_sink_tokens_arg(p)
     p.add_argument("--sinks", action=_DeprecatedAlias, dest="sink_tokens", type=int, new="--sink-tokens")
     p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N", help="score the first N tokens")
     p.add_argument(
