@@ -4,6 +4,7 @@ prefix cache, and failures that stay inside one request."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -110,6 +111,39 @@ def test_prefix_reuse_gives_the_same_tokens(lm):
     assert cached % 8 == 0 and cached >= len(shared) - 8  # the shared prompt's whole chunks
     for ids, collector in ((shared + lm.encode(" one"), first), (shared + lm.encode(" two, three"), second)):
         assert collector.tokens == lm.generate(ids, 10, stop_at_eos=False).token_ids
+
+
+def test_a_long_prompt_goes_in_between_decode_steps(lm):
+    """A prompt is prefilled a chunk per engine step: a row already decoding keeps getting tokens
+    while a long prompt goes in, instead of waiting for all of it; the prompt's answer is unchanged."""
+    order: list[str] = []
+
+    class Recorder(Collector):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def __call__(self, event) -> None:
+            order.append(f"{self.name} {type(event).__name__}")
+            super().__call__(event)
+
+    running, long = Recorder("running"), Recorder("long")
+    long_prompt = lm.encode(PROMPTS[0] + " " + PROMPTS[2])
+    chunks = -(-len(long_prompt) // 4)
+    engine = Engine(lm, max_batch=2, prefix_cache_bytes=0, prefill_chunk=4)
+    engine.start()
+    try:
+        engine.submit(EngineRequest(lm.encode(PROMPTS[1]), 200, running, stop_at_eos=False))
+        while not running.tokens:
+            time.sleep(0.001)
+        order.append("long submitted")
+        engine.submit(EngineRequest(long_prompt, 6, long, stop_at_eos=False))
+        assert running.done.wait(60) and long.done.wait(60)
+    finally:
+        engine.stop()
+    meanwhile = order[order.index("long submitted") : order.index("long Started")]
+    assert chunks >= 8 and meanwhile.count("running Token") >= chunks - 2
+    assert long.tokens == lm.generate(long_prompt, 6, stop_at_eos=False).token_ids
 
 
 def test_the_prompt_cache_never_changes_a_quantized_bfloat16_answer(lm):

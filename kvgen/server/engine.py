@@ -1,10 +1,10 @@
 """The continuous-batching engine: one thread owns the model and runs a step loop.
 
-Requests arrive through `submit` (a bounded queue) and join the running batch at a step
-boundary: each is prefilled alone, in chunks of `PREFILL_CHUNK` positions, continuing the longest
-cached run of whole chunks of its prompt (`PrefixCache`), which then keeps the prompt's own whole
-chunks; its keys and values are copied into a free row of a `RowLayerCache`, where every row has
-its own write index. Each step then decodes one token for every busy row in one forward; each row
+Requests arrive through `submit` (a bounded queue) and take a free row at a step boundary. Each is
+prefilled alone, a chunk of `PREFILL_CHUNK` positions per step, so that the rows decoding meanwhile
+never wait for a whole long prompt; it continues the longest cached run of whole chunks of its
+prompt (`PrefixCache`), which then keeps the prompt's own whole chunks. Its keys and values are
+then copied into its row of a `RowLayerCache`, where every row has its own write index. Each step then decodes one token for every busy row in one forward; each row
 samples with its own `SamplingParams` and `torch.Generator`. A row leaves when it finishes or its
 client goes away (`EngineRequest.cancel`). Results go out through each request's `emit` callback,
 called on the engine thread.
@@ -150,6 +150,19 @@ class _Active:
         self.counts = torch.zeros(1, vocab, device=device) if penalties else None  # generated tokens only
 
 
+class _Prefilling:
+    """A request whose prompt goes in a chunk per engine step, into the row it holds meanwhile."""
+
+    def __init__(self, request: EngineRequest, row: int, layers: list[DynamicLayerCache], keep: int) -> None:
+        self.request, self.row, self.layers, self.keep = request, row, layers, keep
+        self.next = keep  # the next position to compute
+        self.logits: list[Tensor] = []  # per chunk: every position's (prompt_logprobs), else the last one's
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.request.prompt_ids)
+
+
 class Engine:
     """Owns the model; runs requests in a continuously refilled batch of at most `max_batch` rows."""
 
@@ -168,6 +181,7 @@ class Engine:
         self.layout = self.model.cache_layout()
         self.cache = [RowLayerCache(max_batch, shape, lm.dtype, lm.device) for shape in self.layout]
         self.rows: list[_Active | None] = [None] * max_batch
+        self.prefilling: deque[_Prefilling] = deque()  # oldest first; each holds a row not yet in `rows`
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.waiting: deque[EngineRequest] = deque()
         self.metrics = Metrics()
@@ -181,7 +195,11 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(a is not None for a in self.rows)
+        return sum(a is not None for a in self.rows) + len(self.prefilling)
+
+    @property
+    def decoding(self) -> bool:
+        return any(a is not None for a in self.rows)
 
     def start(self) -> None:
         self._thread.start()
@@ -215,7 +233,8 @@ class Engine:
                 try:
                     self._leave_cancelled()
                     self._admit()
-                    if self.running:
+                    self._prefill_chunk()  # one chunk, so that a long prompt never stalls the rows decoding
+                    if self.decoding:
                         self._decode_step()
                 except Exception:  # a bug in the loop's own bookkeeping: fail who is running, keep serving
                     log.exception("engine step failed")
@@ -225,10 +244,13 @@ class Engine:
         for active in self.rows:
             if active is not None and active.request.cancelled:
                 self._release(active, "cancelled")
+        for p in [p for p in self.prefilling if p.request.cancelled]:
+            self.prefilling.remove(p)
+            self.metrics.requests["cancelled"] += 1
 
     def _admit(self) -> None:
-        """Fill free rows from the queue, prefilling each new request on its own."""
-        while None in self.rows:
+        """Give free rows to waiting requests; their prompts then go in a chunk per step."""
+        while (row := self._free_row()) is not None:
             with self._wake:
                 if not self.waiting:
                     return
@@ -236,14 +258,18 @@ class Engine:
             if request.cancelled:
                 self.metrics.requests["cancelled"] += 1
                 continue
-            row = self.rows.index(None)
             try:
-                self._prefill(request, row)
+                self.prefilling.append(self._begin(request, row))
             except Exception as e:
                 log.exception("prefill failed")
                 self._fail(request, row, f"prefill failed: {type(e).__name__}: {e}")
 
-    def _prefill(self, request: EngineRequest, row: int) -> None:
+    def _free_row(self) -> int | None:
+        held = {p.row for p in self.prefilling}
+        return next((row for row, a in enumerate(self.rows) if a is None and row not in held), None)
+
+    def _begin(self, request: EngineRequest, row: int) -> _Prefilling:
+        """The request's prompt continued from the prompt cache's longest run of its whole chunks."""
         ids, chunk = request.prompt_ids, self.prefill_chunk
         keep, held = 0, None
         if self.prefix_cache is not None and not request.prompt_logprobs:
@@ -255,13 +281,35 @@ class Engine:
         if keep:
             for cache, (k, v) in zip(layers, held):
                 cache.update(k[:, :, :keep], v[:, :, :keep], torch.arange(keep, device=k.device)[None])
-        every = [self._forward(ids, start, min(start + chunk, len(ids)), layers, request.prompt_logprobs)
-                 for start in range(keep, len(ids), chunk)]  # fmt: skip
-        logits = every[-1][-1:]  # (1, vocab)
+        return _Prefilling(request, row, layers, keep)
+
+    def _prefill_chunk(self) -> None:
+        """Compute the next chunk of the oldest prompt going in; a finished prompt joins the batch."""
+        if not self.prefilling:
+            return
+        p = self.prefilling[0]
+        start, end = p.next, min(p.next + self.prefill_chunk, len(p.request.prompt_ids))
+        try:
+            p.logits.append(self._forward(p.request.prompt_ids, start, end, p.layers, p.request.prompt_logprobs))
+            p.next = end
+            if p.done:
+                self.prefilling.popleft()
+                self._join(p)
+        except Exception as e:
+            log.exception("prefill failed")
+            if p in self.prefilling:
+                self.prefilling.remove(p)
+            self._fail(p.request, p.row, f"prefill failed: {type(e).__name__}: {e}")
+
+    def _join(self, p: _Prefilling) -> None:
+        """A prefilled prompt: its whole chunks into the prompt cache, its stream into its row, and
+        its first token sampled."""
+        request, ids, layers, keep = p.request, p.request.prompt_ids, p.layers, p.keep
+        logits = p.logits[-1][-1:]  # (1, vocab)
         prompt_logprobs = None
         if request.prompt_logprobs:
-            prompt_logprobs = [(None, [])] + self._logprobs(torch.cat(every)[:-1], ids[1:], request.logprobs or 0)
-        whole = len(ids) - len(ids) % chunk
+            prompt_logprobs = [(None, [])] + self._logprobs(torch.cat(p.logits)[:-1], ids[1:], request.logprobs or 0)
+        whole = len(ids) - len(ids) % self.prefill_chunk
         if self.prefix_cache is not None and whole > keep:
             self.prefix_cache.store(ids[:whole], [(c.keys[:, :, :whole], c.values[:, :, :whole]) for c in layers])
         self.metrics.prompt_tokens += len(ids)
@@ -271,9 +319,9 @@ class Engine:
             request.emit(Started(len(ids), keep, prompt_logprobs))
             return
         for row_cache, cache in zip(self.cache, layers):
-            row_cache.put(row, cache.keys, cache.values, cache.positions)
-        active = _Active(self.lm, request, row, logits.shape[-1], self.lm.device)
-        self.rows[row] = active
+            row_cache.put(p.row, cache.keys, cache.values, cache.positions)
+        active = _Active(self.lm, request, p.row, logits.shape[-1], self.lm.device)
+        self.rows[p.row] = active
         request.emit(Started(len(ids), keep, prompt_logprobs))
         self._advance([active], logits)
         self.metrics.step(0, 1)
@@ -396,3 +444,6 @@ class Engine:
         for active in self.rows:
             if active is not None:
                 self._fail(active.request, active.row, message)
+        while self.prefilling:
+            p = self.prefilling.popleft()
+            self._fail(p.request, p.row, message)
