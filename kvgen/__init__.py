@@ -19,7 +19,7 @@ from .loading.dtype import resolve_dtype
 from .loading.gguf import is_gguf
 from .loading.tokenizer import load_tokenizer
 from .quant import KINDS
-from .runner import check_quantize, prepare
+from .runner import check_quantize, keeps_blocks, prepare
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -50,6 +50,23 @@ def _checked_device(device: str | torch.device) -> torch.device:
     return checked
 
 
+def plan_load(
+    model: str | Path | None, dtype: str | torch.dtype, device: str | torch.device, backend: str, quantize: str
+) -> tuple[str | Path, torch.dtype, torch.device, bool]:
+    """What `load` will load, before anything is: the model's source, the dtype and device, and
+    whether a GGUF's quantized matrices stay quantized (`kvgen.runner.keeps_blocks`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_quantize(quantize)
+    device = _checked_device(device)
+    if backend == "hf" and quantize in KINDS:
+        raise ValueError(f"quantize={quantize!r} needs the native backend: transformers runs the float weights")
+    source = model_source(default_model() if model is None else model)  # a known name: its GGUF
+    native, gguf = backend == "native", is_gguf(source)
+    dtype = resolve_dtype(dtype, device, quantized=native and (quantize in KINDS or (quantize == "auto" and gguf)))
+    return source, dtype, device, native and gguf and keeps_blocks(quantize, dtype, device)
+
+
 def load(
     model: str | Path | None = None,
     dtype: str | torch.dtype = "auto",
@@ -71,17 +88,9 @@ def load(
 
     `backend="hf"` runs transformers' `generate()` on the same (float) weights, behind the same API.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    check_quantize(quantize)
-    device = _checked_device(device)
-    if backend == "hf" and quantize in KINDS:
-        raise ValueError(f"quantize={quantize!r} needs the native backend: transformers runs the float weights")
     start = time.perf_counter()
-    source = model_source(default_model() if model is None else model)  # a known name: its GGUF
-    quantized = backend == "native" and (quantize in KINDS or (quantize == "auto" and is_gguf(source)))
-    dtype = resolve_dtype(dtype, device, quantized)
-    folder = resolve_model(source, dtype)  # first: a missing model is its own error
+    source, dtype, device, keep_blocks = plan_load(model, dtype, device, backend, quantize)
+    folder = resolve_model(source, dtype, keep_blocks)
     try:
         tokenizer = load_tokenizer(folder)
     except Exception as e:
@@ -94,7 +103,6 @@ def load(
         net = load_hf(folder, dtype, device)
     else:
         net = load_native(folder, dtype, device)
-        gguf = Path(source).expanduser() if is_gguf(source) else None
-        runner = prepare(net, folder, gguf, dtype, device, quantize)
+        runner = prepare(net, folder, dtype, device, quantize)
     eos = _eos_token_ids(folder, tokenizer)
     return LM(net, tokenizer, backend, folder, eos, time.perf_counter() - start, runner)

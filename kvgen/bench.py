@@ -581,17 +581,21 @@ def bench_figure(results: list[dict], title: str):
     return fig
 
 
-def _model_folder(source: Path, dtype: str, gguf: bool) -> tuple[Path, str]:
+def _model_folder(source: Path, dtype: str, gguf: bool, reference: bool) -> tuple[Path, str]:
     """The folder kvgen loads (a GGUF is converted into the kvgen cache now, if it is not there yet,
-    so that kvgen's timed load is the warm one) and a note saying which it was."""
+    as `kvgen.load` would, and for the float reference too, so that their timed loads are warm) and
+    a note saying which it was."""
+    from . import plan_load
     from .loading import resolve_model
     from .loading.convert import cached_folder, is_complete
 
     if not gguf:
         return resolve_model(source), "each system loads the same model folder"
-    ready = is_complete(cached_folder(source, getattr(torch, dtype)))
+    keep_blocks = plan_load(source, dtype, "cpu", "native", "auto")[3]
+    variants = [keep_blocks, *([False] if reference and keep_blocks else [])]
+    ready = all(is_complete(cached_folder(source, getattr(torch, dtype), keep_blocks=k), k) for k in variants)
     start = time.perf_counter()
-    folder = resolve_model(source, getattr(torch, dtype))
+    folder = [resolve_model(source, getattr(torch, dtype), k) for k in variants][0]
     when = "earlier" if ready else f"just now, in {time.perf_counter() - start:.1f} s"
     return folder, f"kvgen's load is warm: the GGUF was converted into the kvgen cache {when}"
 
@@ -628,7 +632,7 @@ def run_bench(args: argparse.Namespace) -> int:
     source = Path(model_source(args.model)).expanduser() if args.model else default_model()
     gguf = is_gguf(source)
     dtype = str(resolve_dtype(args.dtype, quantized=gguf)).removeprefix("torch.")  # as kvgen.load chooses it
-    folder, load_note = _model_folder(source, dtype, gguf)
+    folder, load_note = _model_folder(source, dtype, gguf, args.reference)
     _check_fits(folder, dtype, args.prompt_tokens, args.new_tokens)
     systems = ["kvgen", *(["kvgen-reference"] if args.reference else []), *args.against]
     if "llama.cpp" in systems and (problem := llama_cpp_problem() or (None if gguf else "it needs a GGUF file")):

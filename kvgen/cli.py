@@ -637,12 +637,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .loading import default_model, model_info
-    from .loading.dtype import resolve_dtype
+    from . import plan_load
+    from .loading import model_info
 
     if args.model and args.model_option and args.model != args.model_option:
         raise ValueError("name the model once: as MODEL or as -m, not both")
-    info = model_info(args.model or args.model_option or default_model(), resolve_dtype(args.dtype))
+    source, dtype, _, keep_blocks = plan_load(args.model or args.model_option, args.dtype, "cpu", "native", "auto")
+    info = model_info(source, dtype, keep_blocks)  # the folder `kvgen.load` would load
     info["parameters"] = f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"
     info["context_length"] = f"{info['context_length']:,} tokens" if info["context_length"] else "?"
     for key, value in info.items():

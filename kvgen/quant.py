@@ -92,13 +92,14 @@ class QuantLinear(nn.Module):
             self.out_features, self.in_features = self.q.shape
 
     @classmethod
-    def groups(cls, v: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> QuantLinear:
+    def groups(cls, v: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype, two: bool = False) -> QuantLinear:
         """From (N, K) whole values and (N, K/32) float32 scales and zeros, w = v * scale + zero, each
-        group's values spanning at most 256: one int4 term where every group spans at most 16, else
-        two, 16 * scale * (v >> 4) + scale * (v & 15) (exact: an 8-bit group of 32 as two 4-bit ones)."""
+        group's values spanning at most 256: one int4 term where every group spans at most 16 (and
+        not `two`), else two, 16 * scale * (v >> 4) + scale * (v & 15) (exact: an 8-bit group of 32
+        as two 4-bit ones)."""
         groups = v.to(torch.int32).view(v.shape[0], -1, GROUP)
         low, high = groups.amin(-1), groups.amax(-1)
-        two = int((high - low).max()) > 15
+        two = two or int((high - low).max()) > 15
         top, middle = (255, 136) if two else (15, 8)  # middle: what the terms' "- 8"s add up to, in units of scale
         # Each group's values shifted so that its zero comes out near 0: the zero is rounded to the
         # compute dtype as a whole, and a large one (a Q5_0 group's 120 x scale) would lose bits.
@@ -133,7 +134,7 @@ class QuantLinear(nn.Module):
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / levels).clamp(min=1e-12)
         v = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, levels).view_as(w)
-        return cls.groups(v, scale, low, dtype)
+        return cls.groups(v, scale, low, dtype, two=bits > 4)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,17 +260,24 @@ def swap_in(model: nn.Module, quantized: dict[str, QuantLinear]) -> int:
     """Replace each `nn.Linear` and `nn.Embedding` of `model` whose weight is the parameter named in
     `quantized` (or shares its memory: a tied head) with that QuantLinear (or a QuantEmbedding of
     it), in place; a linear's bias carries over. Returns how many modules were replaced. The float
-    weights they held are no longer referenced (memory-mapped, never read: never resident)."""
+    weights they held are no longer referenced (memory-mapped, never read: never resident; or never
+    made: parameters still on the meta device)."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    by_place = {
-        _place(params[name]): q
+    fits = {
+        name: q
         for name, q in quantized.items()
         if name in params and tuple(params[name].shape) == (q.out_features, q.in_features)
     }
+    by_place = {_place(params[name]): q for name, q in fits.items() if not params[name].is_meta}
     swapped = 0
-    for module in list(model.modules()):
+    for prefix, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
-            if not isinstance(child, (nn.Linear, nn.Embedding)) or (q := by_place.get(_place(child.weight))) is None:
+            if not isinstance(child, (nn.Linear, nn.Embedding)):
+                continue
+            q = fits.get(f"{prefix}.{name}.weight".lstrip("."))
+            if q is None and not child.weight.is_meta:
+                q = by_place.get(_place(child.weight))
+            if q is None:
                 continue
             if isinstance(child, nn.Embedding):
                 setattr(module, name, QuantEmbedding(q))

@@ -10,6 +10,7 @@ on a GPU with the static cache, one recorded as a CUDA graph and replayed (`kvge
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -18,10 +19,11 @@ from torch import nn
 from . import fast, graphs
 from .cache import LayerCache
 from .generate import Decode, plain_decoder
-from .loading import return_freed_memory, weight_files
-from .loading.blocks import checkpoint_store_path, read_quantized, stored
+from .loading import return_freed_memory, save_tensors, weight_files
+from .loading.blocks import BLOCKS_FILE, block_tensors, blocks_layout, read_blocks
+from .loading.convert import cache_root, content_key
 from .loading.dtype import packing_pays, quantized_pays
-from .quant import KINDS, quantize_linears, swap_in
+from .quant import KINDS, QuantLinear, quantize_linears, swap_in
 
 QUANTIZE = ("auto", "none", *KINDS)
 
@@ -42,8 +44,23 @@ class Runner:
 
 
 def quantized_store(folder: Path, kind: str, dtype: torch.dtype) -> Path:
-    """Where the float checkpoint in `folder`, quantized to `kind` for `dtype`, is kept."""
-    return checkpoint_store_path(weight_files(folder), kind, dtype)
+    """Where the float checkpoint in `folder`, quantized to `kind` for `dtype`, is kept: the kvgen
+    cache, by the weight files' content."""
+    key = hashlib.sha256(" ".join(content_key(f) for f in sorted(weight_files(folder))).encode()).hexdigest()[:20]
+    return (
+        cache_root() / "quantized" / f"{key}-{kind}-{str(dtype).removeprefix('torch.')}-{blocks_layout()}.safetensors"
+    )
+
+
+def stored(store: Path, make) -> dict[str, QuantLinear]:
+    """QuantLinears by name from the safetensors `store` (memory-mapped); where it is missing or
+    unreadable, `make()` them and store them (a store we cannot write only means making them again)."""
+    try:
+        return read_blocks(store)
+    except Exception:  # missing, or unreadable: made again
+        made = make()
+        save_tensors(store, block_tensors(made))
+        return made
 
 
 def check_quantize(quantize: str) -> None:
@@ -51,28 +68,32 @@ def check_quantize(quantize: str) -> None:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of: {', '.join(QUANTIZE)}")
 
 
-def prepare(
-    model: nn.Module, folder: Path, gguf: Path | None, dtype: torch.dtype, device: torch.device | str, quantize: str
-) -> Runner:
-    """Give a freshly loaded float model (from `folder`, converted from `gguf` if that is given) its
-    fast weights, in place, and return its runner.
+def keeps_blocks(quantize: str, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether a GGUF loaded with `quantize` keeps its quantized matrices quantized: "int4" and
+    "int8" always (on a CPU: torch's kernels for these layouts are CPU ones), "auto" where this
+    CPU runs those kernels faster than float ones (measured once per processor)."""
+    check_quantize(quantize)
+    on_cpu = torch.device(device).type == "cpu"
+    if quantize in KINDS and not on_cpu:
+        raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
+    return quantize in KINDS or (quantize == "auto" and quantized_pays(dtype, device))
 
-    `quantize`: "auto" keeps a GGUF's quantized weights quantized where this machine's kernels pay;
-    "int4" or "int8" quantizes a float checkpoint's weights (kept in the kvgen cache: `kvgen convert
-    --quantize` makes them ahead), while a GGUF's blocks are what they are; "none" is the float
-    reference path: plain modules, the dequantized weights, nothing fused or packed.
+
+def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str, quantize: str) -> Runner:
+    """Give a freshly loaded model (from `folder`) its fast weights, in place, and return its runner.
+
+    `quantize`: "auto" takes the weights as loaded (a GGUF's quantized matrices stay quantized where
+    `keeps_blocks` said so); "int4" or "int8" quantizes a float checkpoint's weights (kept in the
+    kvgen cache: `kvgen convert --quantize` makes them ahead); "none" is the float reference path:
+    plain modules, the dequantized weights, nothing fused or packed.
     """
     check_quantize(quantize)
     if quantize == "none":
         return Runner()
-    quantized = None
-    on_cpu = torch.device(device).type == "cpu"
-    if quantize in KINDS and not on_cpu:
-        raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
-    if gguf is not None and on_cpu and (quantize in KINDS or quantized_pays(dtype, device)):
-        swap_in(model, read_quantized(gguf, dtype))
-        quantized = "gguf"
-    elif gguf is None and quantize in KINDS:
+    quantized = "gguf" if (folder / BLOCKS_FILE).is_file() else None
+    if quantized is None and quantize in KINDS:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
         swap_in(model, stored(quantized_store(folder, quantize, dtype), lambda: quantize_linears(model, quantize)))
         quantized = quantize
     fast.speed_up(model, pack_weights=packing_pays(dtype, device))

@@ -30,7 +30,7 @@ import kvgen
 from kvgen.cli import main
 from kvgen.generate import generate_tokens
 from kvgen.loading import convert as convert_module
-from kvgen.loading.blocks import DECODERS, to_quant
+from kvgen.loading.blocks import DECODERS, blocks_layout, to_quant
 from kvgen.loading.convert import cached_folder, content_key, convert_gguf
 from kvgen.loading.tokenizer import load_tokenizer
 from kvgen.quant import QuantEmbedding, QuantLinear, int4_available, pack_int4, unpack_int4
@@ -501,7 +501,7 @@ def test_dtypes_make_separate_folders(sources, cache, tmp_path):
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
     a, b = load_file(f32 / "model.safetensors"), load_file(bf16 / "model.safetensors")
     assert all(torch.equal(a[name].to(torch.bfloat16), b[name]) for name in a)
-    assert kvgen.load(path, dtype="bfloat16").path == bf16
+    assert kvgen.load(path, dtype="bfloat16", quantize="none").path == bf16
 
 
 # --- dequantisation: gguf.quants against independent references -----------------------------------
@@ -725,8 +725,10 @@ def test_cli_convert_and_info(sources, cache, tmp_path, capsys):
     assert main(["convert", str(path), "--dtype", "bfloat16"]) == 0
     out, err = capsys.readouterr()
     folder = Path(out.strip())
-    assert folder.parent == cache and folder.name.endswith("-bfloat16") and convert_module.is_complete(folder)
-    assert "converted q.gguf to bfloat16 in" in err  # a summary line when stderr is not a terminal
+    keep_blocks = kvgen.plan_load(path, "bfloat16", "cpu", "native", "auto")[3]  # as `kvgen.load` does
+    assert folder.parent == cache and convert_module.is_complete(folder, keep_blocks)
+    assert folder.name.endswith("-bfloat16" + (f"-{blocks_layout()}" if keep_blocks else ""))
+    assert "converted q.gguf to bfloat16" in err  # a summary line when stderr is not a terminal
     assert main(["info", str(path), "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     params = sum(t.numel() for t in load_file(src / "model.safetensors").values())
@@ -888,22 +890,23 @@ def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path,
 
 @needs_int4
 def test_quantized_weights_are_made_once_into_the_cache(sources, cache, tmp_path, monkeypatch):
-    from kvgen.loading import blocks as blocks_module
+    """A GGUF's quantized matrices go into its cache folder as the kernels read them, and only the
+    other tensors are dequantized: no float copy of a quantized matrix is ever written."""
+    from kvgen.loading.blocks import BLOCKS_FILE
 
     path = write_gguf(sources("llama"), tmp_path / "m.gguf", Q.Q8_0)
-    first = kvgen.load(path, dtype="float32", quantize="int4").model.lm_head
-    store = blocks_module.store_path(path, torch.float32)
-    assert store.is_file() and not list(store.parent.glob("*.tmp"))
-    quantize_file = blocks_module.quantize_file
-    monkeypatch.setattr(blocks_module, "quantize_file", lambda *args: pytest.fail("quantized again"))
-    again = kvgen.load(path, dtype="float32", quantize="int4").model.lm_head
-    assert torch.equal(again.dequantize(), first.dequantize())
-    store.write_bytes(b"not a safetensors file")  # a broken store is made again, and replaced
-    monkeypatch.setattr(blocks_module, "quantize_file", quantize_file)
-    assert torch.equal(
-        kvgen.load(path, dtype="float32", quantize="int4").model.lm_head.dequantize(), first.dequantize()
-    )
-    assert store.stat().st_size > 100
+    lm = kvgen.load(path, dtype="float32", quantize="int4")
+    first, blocks = lm.model.lm_head.dequantize(), lm.path / BLOCKS_FILE  # a copy: the file is damaged below
+    assert blocks.is_file() and not list(cache.glob(".partial-*"))
+    with safe_open(lm.path / "model.safetensors", framework="pt") as f:
+        assert all(len(f.get_slice(name).get_shape()) == 1 for name in f.keys())  # the norms alone
+    quantize_plan = convert_module.quantize_plan
+    monkeypatch.setattr(convert_module, "quantize_plan", lambda *args: pytest.fail("quantized again"))
+    assert torch.equal(kvgen.load(path, dtype="float32", quantize="int4").model.lm_head.dequantize(), first)
+    blocks.write_bytes(b"not a safetensors file")  # a damaged folder is made again, and replaced
+    monkeypatch.setattr(convert_module, "quantize_plan", quantize_plan)
+    assert torch.equal(kvgen.load(path, dtype="float32", quantize="int4").model.lm_head.dequantize(), first)
+    assert blocks.stat().st_size > 100
 
 
 def test_quality_command_reports_the_divergence(sources, cache, tmp_path, capsys):

@@ -16,6 +16,8 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..models import family
+from ..quant import QuantLinear, swap_in
+from .blocks import BLOCKS_FILE, read_blocks
 from .gguf import is_gguf
 from .known import DEFAULT_NAME, KNOWN_MODELS, known_model_path
 
@@ -42,8 +44,9 @@ def model_source(name_or_path: str | Path) -> str | Path:
     return name_or_path
 
 
-def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A model folder, a GGUF file (converted once into the kvgen cache, in `dtype`), the name of a
+def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, keep_blocks: bool = False) -> Path:
+    """A model folder, a GGUF file (converted once into the kvgen cache, in `dtype`; with
+    `keep_blocks` its quantized matrices stay quantized, `kvgen.loading.blocks`), the name of a
     model kvgen knows offline (`kvgen models`), or a hub id already in the local Hugging Face cache
     (never downloaded)."""
     name_or_path = model_source(name_or_path)
@@ -51,7 +54,7 @@ def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) 
     if is_gguf(path):
         from .convert import convert_gguf
 
-        return convert_gguf(path, dtype)
+        return convert_gguf(path, dtype, keep_blocks=keep_blocks)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} is not a model folder")
@@ -135,27 +138,31 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """A checkpoint's weight files: its safetensors, else pytorch_model.bin (none if neither)."""
-    files = sorted(folder.glob("*.safetensors"))
+    """A checkpoint's float weight files: its safetensors, else pytorch_model.bin (none if neither)."""
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != BLOCKS_FILE)
     return files or [f for f in [folder / "pytorch_model.bin"] if f.is_file()]
 
 
-def read_weights(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of a checkpoint, memory-mapped: nothing is read until it is used."""
-    files = sorted(folder.glob("*.safetensors"))
-    state: dict[str, Tensor] = {}
-    for file in files:
+def read_weights(folder: Path) -> dict[str, Tensor | QuantLinear]:
+    """Every tensor of a checkpoint, memory-mapped: nothing is read until it is used; and, in a
+    GGUF's folder that keeps them, its quantized matrices as QuantLinears."""
+    state: dict[str, Tensor | QuantLinear] = {}
+    for file in weight_files(folder):
+        if file.suffix == ".bin":
+            state.update(torch.load(file, mmap=True, weights_only=True, map_location="cpu"))
+            continue
         with safe_open(file, framework="pt") as f:
             state.update({name: f.get_tensor(name) for name in f.keys()})
-    if not files and (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", mmap=True, weights_only=True, map_location="cpu")
+    if (folder / BLOCKS_FILE).is_file():
+        state.update(read_blocks(folder / BLOCKS_FILE))
     if not state:
         raise ValueError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
     return state
 
 
 def load_native(folder: Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Build the model on the meta device, then adopt the checkpoint's tensors as its parameters."""
+    """Build the model on the meta device, then adopt the checkpoint's tensors as its parameters
+    and its quantized matrices, if it keeps any, as its linear maps (`kvgen.quant.swap_in`)."""
     raw = read_config(folder)
     model_cls, module = family(raw.get("model_type", "?"))
     with torch.device("meta"):
@@ -167,38 +174,48 @@ def load_native(folder: Path, dtype: torch.dtype, device: torch.device | str) ->
             converted[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         return converted[id(t)]
 
-    state = {name: convert(t) for name, t in module.remap(read_weights(folder)).items()}
+    state = module.remap(read_weights(folder))  # a tied head: the embedding's tensor, or its QuantLinear
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         raise ValueError(
             f"{folder}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
-    model.load_state_dict(state, assign=True)
+    blocks = {name: m for name, m in state.items() if isinstance(m, QuantLinear)}
+    tensors = {name: convert(t) for name, t in state.items() if name not in blocks}
+    model.load_state_dict(tensors, assign=True, strict=not blocks)
+    if swap_in(model, blocks) < len(blocks):  # CPU kernels: `kvgen.runner` keeps blocks on a CPU only
+        raise ValueError(f"{folder}: its quantized weights do not fit the model's linear maps")
     # Buffers computed at build time (RoPE frequencies) were made on the CPU: on another device a
     # step would copy them over at every call, which a CUDA graph cannot record.
     return model.to(device).eval().requires_grad_(False)
 
 
-def model_info(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def model_info(
+    name_or_path: str | Path, dtype: torch.dtype = torch.float32, keep_blocks: bool = False
+) -> dict[str, Any]:
     """What `kvgen info` prints: architecture, parameter count, context length, stored dtype, and
     the folder the weights load from (for a GGUF, its converted copy in the kvgen cache)."""
     from .convert import conversion_record
 
-    folder = resolve_model(name_or_path, dtype)
+    folder = resolve_model(name_or_path, dtype, keep_blocks)
     raw = read_config(folder)
     model_type = raw.get("model_type", "?")
     try:
         context = family(model_type)[0].config_class.from_dict(raw).context_length
     except ValueError:  # a model kvgen cannot run still has a config to describe
         context = raw.get("max_position_embeddings") or raw.get("n_positions")
-    storages = {t.untyped_storage().data_ptr() + t.storage_offset(): t for t in read_weights(folder).values()}
+    weights = read_weights(folder).values()
+    blocks = {id(m): m for m in weights if isinstance(m, QuantLinear)}  # a tied head: one object, counted once
+    storages = {t.untyped_storage().data_ptr() + t.storage_offset(): t for t in weights if isinstance(t, Tensor)}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in storages.values() if t.is_floating_point()}
+    kinds = sorted({m.kind for m in blocks.values()})
     info = dict(
         architecture=f"{model_type} ({', '.join(raw.get('architectures') or ['?'])})",
-        parameters=sum(t.numel() for t in storages.values()),  # a tied head is stored, and counted, once
+        parameters=sum(t.numel() for t in storages.values())
+        + sum(m.out_features * m.in_features for m in blocks.values()),
         context_length=context,
-        dtype=", ".join(sorted(dtypes)),
+        dtype=", ".join(sorted(dtypes)) + (f"; {len(blocks)} matrices kept {'/'.join(kinds)}" if blocks else ""),
         folder=str(folder),
     )
     if record := conversion_record(folder):

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..quant import GROUP, QuantLinear, fits_int4, int4_available
+from ..quant import BLOCK_ROWS, GROUP, QuantLinear, fits_int4, int4_available
+from .gguf import ROWS_PER_CHUNK_ELEMENTS
 
 # A decoder: (n, bytes per block) uint8 -> q (n, values per block) int8, scale (n, groups) and
 # offset (n, groups) or None, float32. Each one follows gguf.quants' dequantize_blocks.
@@ -122,12 +123,31 @@ def dequantize(q: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
     return w if offset is None else w - offset.repeat_interleave(group, dim=1)
 
 
+# Types whose values span at most 16 levels: one int4 term. The wider ones always take two, so
+# that the row chunks of one weight, made apart, have the same layout.
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+
+
 def to_quant(type_name: str, data: np.ndarray, shape: tuple[int, int], dtype: torch.dtype, fix=None) -> QuantLinear:
     """One GGUF weight of `shape` -> a QuantLinear computing in `dtype`. Types with groups of 32
     (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0) keep their values exactly, as one int4 term (4-bit)
     or two (5- to 8-bit); Q6_K's groups of 16 are re-quantized to 8 bits in groups of 32; a shape
-    the int4 layout cannot hold becomes int8 rows. `fix` reorders rows (Llama's q and k)."""
-    fix = fix or (lambda t: t)
+    the int4 layout cannot hold becomes int8 rows. `fix` reorders rows (Llama's q and k).
+
+    A large weight goes a band of rows at a time (each row's values are its own), so decoding a
+    151936-row embedding holds ~16M values of scratch, not the whole table's int32 copies."""
+    rows, columns = shape
+    step = max(BLOCK_ROWS, ROWS_PER_CHUNK_ELEMENTS // columns // BLOCK_ROWS * BLOCK_ROWS)
+    if fix is not None or rows <= step:
+        return _rows_to_quant(type_name, data, shape, dtype, fix or (lambda t: t))
+    parts = [
+        _rows_to_quant(type_name, data[start : start + step], (min(step, rows - start), columns), dtype, lambda t: t)
+        for start in range(0, rows, step)
+    ]
+    return QuantLinear.join(parts)
+
+
+def _rows_to_quant(type_name: str, data: np.ndarray, shape: tuple[int, int], dtype: torch.dtype, fix) -> QuantLinear:
     q, scale, offset = decode(type_name, data, shape[0])
     if not fits_int4(*shape):
         return QuantLinear.quantize(fix(dequantize(q, scale, offset)), "int8", dtype)
@@ -135,71 +155,55 @@ def to_quant(type_name: str, data: np.ndarray, shape: tuple[int, int], dtype: to
         return QuantLinear.quantize(fix(dequantize(q, scale, offset)), "int4", dtype, bits=8)
     low = int(q.min())
     zero = low * scale - (0 if offset is None else offset)  # w = q * scale - offset = (q - low) * scale + zero
-    return QuantLinear.groups(fix(q.to(torch.int16) - low), fix(scale), fix(zero), dtype)
+    wide = type_name not in FOUR_BIT
+    return QuantLinear.groups(fix(q.to(torch.int16) - low), fix(scale), fix(zero), dtype, two=wide)
 
 
-STORE_VERSION = 4  # bump when what `quantize_file` writes changes, so old stores are made again
-
-
-def store_path(path: Path, dtype: torch.dtype) -> Path:
-    """Where the quantized weights of the GGUF at `path` are kept: the kvgen cache, by the file's content."""
-    from .convert import cache_root, content_key
-
-    layout = "int4" if int4_available() else "int8"
-    name = f"{content_key(path)}-{str(dtype).removeprefix('torch.')}-{layout}-v{STORE_VERSION}.safetensors"
-    return cache_root() / "quantized" / name
-
-
-def quantize_file(path: Path, dtype: torch.dtype) -> dict[str, QuantLinear]:
-    """Every weight of the GGUF at `path` stored in a type of `DECODERS` -> its QuantLinear, under
-    transformers' names, in the rows the model uses. GPT-2's projections are stored transposed
-    against their products' rows: they are left out (kept as floats)."""
+def keeps_quantized(g, item) -> bool:
+    """Whether a GGUF tensor (a `TensorPlan` of `g`) stays quantized in memory: a matrix in a type
+    of `DECODERS`. GPT-2's projections are stored transposed against their products' rows: they are
+    left out (kept as floats)."""
     from gguf import GGMLQuantizationType
 
-    from .gguf import GGUFFile, config_from_gguf, tensor_plan
+    type_name = GGMLQuantizationType(item.source.tensor_type).name
+    transposed = g.architecture == "gpt2" and item.fix is not None
+    return type_name in DECODERS and len(item.shape) == 2 and not transposed
 
-    g = GGUFFile(path)
+
+def quantize_plan(plan: list, dtype: torch.dtype, advance=lambda n: None) -> dict[str, QuantLinear]:
+    """Each tensor of `plan` (`TensorPlan`s that `keeps_quantized`) -> its QuantLinear computing in
+    `dtype`, under transformers' names, in the rows the model uses."""
+    from gguf import GGMLQuantizationType
+
     out = {}
-    for item in tensor_plan(g, config_from_gguf(g)):
+    for item in plan:
         type_name = GGMLQuantizationType(item.source.tensor_type).name
-        if type_name not in DECODERS or len(item.shape) != 2 or (g.architecture == "gpt2" and item.fix is not None):
-            continue
         out[item.name] = to_quant(type_name, item.source.data, tuple(item.shape), dtype, item.fix)
+        advance(item.nbytes_in_file)
     return out
 
 
-def read_quantized(path: Path, dtype: torch.dtype) -> dict[str, QuantLinear]:
-    """The GGUF's quantized weights by name: from the store (memory-mapped), else made (then stored)."""
-    return stored(store_path(path, dtype), lambda: quantize_file(path, dtype))
+def block_tensors(blocks: dict[str, QuantLinear]) -> dict[str, Tensor]:
+    """QuantLinears by name -> their tensors by `name.part`, as `read_blocks` reads them back."""
+    return {f"{name}.{k}": t for name, m in blocks.items() for k, t in m.state_dict().items()}
 
 
-def stored(store: Path, make) -> dict[str, QuantLinear]:
-    """QuantLinears by name from the safetensors `store` (memory-mapped); where it is missing or
-    unreadable, `make()` them and store them (a store we cannot write only means making them again)."""
+def read_blocks(path: Path) -> dict[str, QuantLinear]:
+    """The QuantLinears whose `block_tensors` a safetensors file holds, memory-mapped. Raises on a missing or damaged file."""
     from safetensors.torch import load_file
 
-    from . import save_tensors
-
-    try:
-        tensors = load_file(store)
-    except Exception:  # missing, or unreadable: made again
-        made = make()
-        save_tensors(store, {f"{name}.{k}": t for name, m in made.items() for k, t in m.state_dict().items()})
-        return made
     parts: dict[str, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
+    for key, t in load_file(path).items():
         name, part = key.rsplit(".", 1)
         parts.setdefault(name, {})[part] = t
     return {name: QuantLinear("int4" if "packed" in p else "int8", p) for name, p in parts.items()}
 
 
-def checkpoint_store_path(weight_files: list[Path], kind: str, dtype: torch.dtype) -> Path:
-    """Where a float checkpoint's weights quantized to `kind` are kept, by the files' content."""
-    import hashlib
+def blocks_layout() -> str:
+    """What a kept GGUF's matrices become on this torch: part of the cache's names, so that a torch
+    with another layout (no int4 kernel) makes them again."""
+    return f"{'int4' if int4_available() else 'int8'}-v{STORE_VERSION}"
 
-    from .convert import cache_root, content_key
 
-    key = hashlib.sha256(" ".join(content_key(f) for f in sorted(weight_files)).encode()).hexdigest()[:20]
-    layout = "int4" if int4_available() else "int8"
-    name = f"{key}-{kind}-{str(dtype).removeprefix('torch.')}-{layout}-v{STORE_VERSION}.safetensors"
-    return cache_root() / "quantized" / name
+BLOCKS_FILE = "kvgen_blocks.safetensors"  # beside the float tensors in a GGUF's folder in the kvgen cache
+STORE_VERSION = 5  # bump when what `to_quant` makes changes, so kept weights are made again

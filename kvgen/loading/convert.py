@@ -4,11 +4,15 @@
       gemma-3-270m-q4_k_m-1f0c…-float32/   config.json, model.safetensors, tokenizer.json,
                                            tokenizer_config.json, generation_config.json,
                                            kvgen_conversion.json (where it came from)
-      quantized/<key>-….safetensors        weights as kvgen's int4/int8 kernels read them (kvgen.quant)
+      gemma-3-270m-q4_k_m-1f0c…-bfloat16-int4-v5/
+                                           the same, but the quantized matrices stay quantized, as
+                                           kvgen's int4/int8 kernels read them (kvgen_blocks.safetensors,
+                                           kvgen.loading.blocks); model.safetensors holds the rest
+      quantized/<key>-….safetensors        a float checkpoint's weights quantized (kvgen.runner)
       models/<name>.gguf                   models known by name, assembled from their packages
 
-The folder is keyed by the file's content and the dtype, so a renamed or moved file still hits it
-and a changed one does not. It is written under a temporary name in the cache folder and renamed
+The folder is keyed by the file's content, the dtype and whether it keeps the quantized blocks, so
+a renamed or moved file still hits it and a changed one does not. It is written under a temporary name in the cache folder and renamed
 into place only when complete: a folder with the final name is always whole, and an interrupted
 conversion leaves nothing the next load would mistake for one.
 """
@@ -26,7 +30,9 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from .blocks import BLOCKS_FILE, block_tensors, blocks_layout, keeps_quantized, quantize_plan
 from .gguf import (
     GGUFFile,
     TensorPlan,
@@ -77,49 +83,71 @@ def content_key(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_folder(path: str | Path, dtype: torch.dtype, cache_dir: str | Path | None = None) -> Path:
+def cached_folder(
+    path: str | Path, dtype: torch.dtype, cache_dir: str | Path | None = None, keep_blocks: bool = False
+) -> Path:
     """The folder a conversion of `path` to `dtype` goes to (it may not exist yet).
 
-    Named `<file stem>-<content key>-<dtype>` for people; found by key and dtype alone, so a
-    renamed or moved copy of a converted file is not converted again.
+    Named `<file stem>-<content key>-<dtype>[-<blocks layout>]` for people; found by key, dtype and
+    layout alone, so a renamed or moved copy of a converted file is not converted again.
     """
     path = Path(path).expanduser()
     check_magic(path)
-    root, suffix = cache_root(cache_dir), f"-{content_key(path)}-{DTYPE_NAMES[dtype]}"
+    suffix = f"-{content_key(path)}-{DTYPE_NAMES[dtype]}" + (f"-{blocks_layout()}" if keep_blocks else "")
+    root = cache_root(cache_dir)
     if root.is_dir():
         for existing in root.glob(f"*{suffix}"):
-            if not existing.name.startswith(".") and is_complete(existing):
+            if not existing.name.startswith(".") and is_complete(existing, keep_blocks):
                 return existing
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80]
     return root / f"{stem}{suffix}"
 
 
-def is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in FOLDER_FILES)
+def is_complete(folder: Path, keep_blocks: bool = False) -> bool:
+    """Whether `folder` holds a whole conversion (with `keep_blocks`, a readable blocks file too)."""
+    if not all((folder / name).is_file() for name in FOLDER_FILES):
+        return False
+    if not keep_blocks:
+        return True
+    try:
+        with safe_open(folder / BLOCKS_FILE, framework="pt"):  # reads the header: a truncated file fails
+            return True
+    except Exception:
+        return False
 
 
 def convert_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None, progress: bool = True
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    keep_blocks: bool = False,
 ) -> Path:
     """The model folder for a GGUF file: converted on the first call, found in the cache after.
 
-    Raises FileNotFoundError for a missing file and ValueError for one that is not a GGUF kvgen can
-    convert, or a cache folder it cannot write; in every case the cache holds nothing new.
+    With `keep_blocks`, the matrices kvgen's int4/int8 kernels can read stay quantized
+    (`kvgen.loading.blocks`) and only the rest is dequantized to `dtype`: no float copy of the
+    big weights is ever made. Raises FileNotFoundError for a missing file and ValueError for one
+    that is not a GGUF kvgen can convert, or a cache folder it cannot write; in every case the
+    cache holds nothing new.
     """
     path = Path(path).expanduser()
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"cannot convert to {dtype}; choose one of: {', '.join(DTYPE_NAMES.values())}")
-    final = cached_folder(path, dtype, cache_dir)
-    if is_complete(final):
+    final = cached_folder(path, dtype, cache_dir, keep_blocks)
+    if is_complete(final, keep_blocks):
         return final
     start = time.perf_counter()
-    with Progress(f"{path.name} to {DTYPE_NAMES[dtype]}", progress) as bar:
+    target = f"{DTYPE_NAMES[dtype]}, keeping its quantized weights" if keep_blocks else DTYPE_NAMES[dtype]
+    with Progress(f"{path.name} to {target}", progress) as bar:
         bar.phase("reading the header")
         g = GGUFFile(path)  # every check on the file happens before anything is written
         config = config_from_gguf(g)
         plan = tensor_plan(g, config)
         scratch = _make_scratch(final)
         try:
+            if keep_blocks:
+                plan = write_blocks(g, plan, dtype, scratch, bar)
             write_folder(g, config, plan, dtype, scratch, bar)
             _record(scratch, g, dtype, final, time.perf_counter() - start)
             if final.exists():  # incomplete (someone removed files from it): it is ours to replace
@@ -161,6 +189,19 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_blocks(
+    g: GGUFFile, plan: list[TensorPlan], dtype: torch.dtype, folder: Path, bar: Progress
+) -> list[TensorPlan]:
+    """The quantized matrices of `plan` as kvgen keeps them, into `folder`'s blocks file; returns
+    the rest of the plan, the tensors still to dequantize."""
+    from safetensors.torch import save_file
+
+    kept = [item for item in plan if keeps_quantized(g, item)]
+    bar.phase("re-laying the quantized weights", total=sum(item.nbytes_in_file for item in kept))
+    save_file(block_tensors(quantize_plan(kept, dtype, bar.advance)), folder / BLOCKS_FILE)
+    return [item for item in plan if not keeps_quantized(g, item)]
 
 
 def write_folder(
@@ -273,6 +314,7 @@ def _record(folder: Path, g: GGUFFile, dtype: torch.dtype, final: Path, seconds:
         architecture=g.architecture,
         tensor_types=g.type_counts(),
         dtype=DTYPE_NAMES[dtype],
+        quantized_weights_kept=(folder / BLOCKS_FILE).is_file(),
         key=final.name,
         converter_version=CONVERTER_VERSION,
         seconds=round(seconds, 2),
