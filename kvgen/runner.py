@@ -20,7 +20,7 @@ from . import fast, graphs
 from .cache import LayerCache
 from .generate import Decode, plain_decoder
 from .loading import return_freed_memory, save_tensors, weight_files
-from .loading.blocks import BLOCKS_FILE, block_tensors, blocks_layout, read_blocks
+from .loading.blocks import block_tensors, blocks_layout, read_blocks
 from .loading.convert import cache_root, content_key
 from .loading.dtype import packing_pays, quantized_pays
 from .quant import KINDS, QuantLinear, quantize_linears, swap_in
@@ -90,7 +90,7 @@ def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.de
     check_quantize(quantize)
     if quantize == "none":
         return Runner()
-    quantized = "gguf" if (folder / BLOCKS_FILE).is_file() else None
+    quantized = "gguf" if any(isinstance(m, QuantLinear) for m in model.modules()) else None  # kept blocks
     if quantized is None and quantize in KINDS:
         if torch.device(device).type != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")

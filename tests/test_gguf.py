@@ -909,6 +909,19 @@ def test_quantized_weights_are_made_once_into_the_cache(sources, cache, tmp_path
     assert blocks.stat().st_size > 100
 
 
+@needs_int4
+def test_a_float_gguf_keeps_no_blocks_and_quantizes_on_request(sources, cache, tmp_path):
+    """An F16 GGUF has no quantized matrices to keep: the runner says its weights are float, and
+    quantize="int4" quantizes them as it would a checkpoint's."""
+    path = write_gguf(sources("qwen2"), tmp_path / "f16.gguf", Q.F16)
+    assert kvgen.load(path, dtype="float32").runner.quantized is None
+    plain = kvgen.load(path, dtype="float32", quantize="int4")
+    assert plain.runner.quantized == "int4" and isinstance(plain.model.lm_head, QuantLinear)
+    reference = kvgen.load(path, dtype="float32", quantize="none").model.lm_head.weight
+    error = (plain.model.lm_head.dequantize() - reference).abs().max()
+    assert 0 < error <= reference.abs().max() / 15  # a 4-bit step of the widest group at most
+
+
 def test_quality_command_reports_the_divergence(sources, cache, tmp_path, capsys):
     """`kvgen quality`: the float32 reference against itself in bfloat16 over the same GGUF; the
     figures are checked against ones computed here."""
