@@ -5,7 +5,8 @@ offset, per group of 16 or 32 columns, following gguf.quants' dequantize_blocks:
 offset. Every type with groups of 32 then keeps its values exactly as int4 groups, 5- to 8-bit
 ones as two int4 terms (`kvgen.quant`); Q6_K is re-quantized to 8 bits in groups of 32. Decoding
 a file takes seconds (numpy, and GGUF metadata with a 262k-token vocabulary), so the result is
-kept in the kvgen cache, like a conversion.
+kept in the GGUF's folder in the kvgen cache (`kvgen.loading.convert`), in `BLOCKS_FILE`, beside
+the tensors that stay float: no float copy of a quantized matrix is made.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from torch import Tensor
 
 from ..quant import BLOCK_ROWS, GROUP, QuantLinear, fits_int4, int4_available
 from .gguf import ROWS_PER_CHUNK_ELEMENTS
+
+BLOCKS_FILE = "kvgen_blocks.safetensors"
+STORE_VERSION = 5  # bump when what `to_quant` makes changes, so kept weights are made again
 
 # A decoder: (n, bytes per block) uint8 -> q (n, values per block) int8, scale (n, groups) and
 # offset (n, groups) or None, float32. Each one follows gguf.quants' dequantize_blocks.
@@ -189,7 +193,8 @@ def block_tensors(blocks: dict[str, QuantLinear]) -> dict[str, Tensor]:
 
 
 def read_blocks(path: Path) -> dict[str, QuantLinear]:
-    """The QuantLinears whose `block_tensors` a safetensors file holds, memory-mapped. Raises on a missing or damaged file."""
+    """The QuantLinears whose `block_tensors` a safetensors file holds, memory-mapped; raises on a
+    missing or damaged file."""
     from safetensors.torch import load_file
 
     parts: dict[str, dict[str, Tensor]] = {}
@@ -203,7 +208,3 @@ def blocks_layout() -> str:
     """What a kept GGUF's matrices become on this torch: part of the cache's names, so that a torch
     with another layout (no int4 kernel) makes them again."""
     return f"{'int4' if int4_available() else 'int8'}-v{STORE_VERSION}"
-
-
-BLOCKS_FILE = "kvgen_blocks.safetensors"  # beside the float tensors in a GGUF's folder in the kvgen cache
-STORE_VERSION = 5  # bump when what `to_quant` makes changes, so kept weights are made again
