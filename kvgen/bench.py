@@ -525,7 +525,14 @@ def print_table(results: list[dict], title: str, notes: list[str]) -> None:
     table = Table(title=title)
     columns = ("system", "batch", "weights", "load s", "peak RSS MB", "TTFT s", "prefill tok/s", "decode tok/s")
     quality = any("kld" in r for r in results)
-    for column in (*columns, "GB/s", "% of limit", "= kvgen tokens", *(("KLD", "top-1") if quality else ())):
+    for column in (
+        *columns,
+        "MB/token",
+        "GB/s",
+        "% of limit",
+        "= kvgen tokens",
+        *(("KLD", "top-1") if quality else ()),
+    ):
         table.add_column(
             column, justify="left" if column in ("system", "weights") else "right", no_wrap=column == "system"
         )
@@ -539,6 +546,7 @@ def print_table(results: list[dict], title: str, notes: list[str]) -> None:
             _fmt(r["ttft_s"], 3),
             _fmt(r["prefill_tok_s"], 0),
             _fmt(r["decode_tok_s"]),
+            _fmt(r["weight_bytes_per_token"] / 1e6, 0),  # weight bytes a decode step reads
             _fmt(r["gb_s"]),
             _fmt(r["bandwidth_pct"], 0),
             {True: "yes", False: "no", None: "-"}[r.get("tokens_match_kvgen")],

@@ -81,6 +81,7 @@ def test_missing_llama_cpp_says_how_to_get_it_and_the_others_run(bench_run):
     assert len(skipped) == 1 and "pip install 'kvgen[bench]'" in skipped[0] and "hidden by the test" in skipped[0]
     assert {r["system"] for r in doc["results"]} == {"kvgen", "kvgen-reference", "hf"}
     assert "kvgen" in done.stdout and "transformers" in done.stdout and "decode tok/s" in done.stdout
+    assert "MB/token" in done.stdout  # the weight bytes a decode step reads
 
 
 def test_plot_is_a_png(bench_run):
