@@ -552,7 +552,7 @@ def print_table(results: list[dict], title: str, notes: list[str]) -> None:
             {True: "yes", False: "no", None: "-"}[r.get("tokens_match_kvgen")],
             *((_fmt(r.get("kld"), 5), _fmt(100 * r["top1_agreement"] if "kld" in r else None, 1)) if quality else ()),
         )
-    console = Console(highlight=False, width=max(150, Console().width))  # a file or pipe: the whole row
+    console = Console(highlight=False, width=max(180, Console().width))  # a file or pipe: the whole row
     console.print(table)
     for note in notes:
         console.print(note)

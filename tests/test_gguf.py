@@ -801,6 +801,20 @@ def test_quantized_weights_hold_the_files_values(qtype):
 
 
 @needs_int4
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
+def test_a_large_weight_made_in_bands_of_rows_is_the_same(qtype, monkeypatch):
+    """A weight too large to decode at once goes in bands of 64-row multiples: the same tensors as
+    one pass (the layout of a wide type does not depend on a band's own values)."""
+    from kvgen.loading import blocks as blocks_module
+
+    whole, _ = quantized_weight(qtype, rows=320)
+    monkeypatch.setattr(blocks_module, "ROWS_PER_CHUNK_ELEMENTS", 128 * 512)  # bands of 128 rows: 3 of them
+    banded, _ = quantized_weight(qtype, rows=320)
+    assert banded.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(banded.state_dict()[k], t) for k, t in whole.state_dict().items())
+
+
+@needs_int4
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_products_match_the_dequantized_weight(qtype, dtype):
