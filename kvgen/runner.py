@@ -73,10 +73,13 @@ def keeps_blocks(quantize: str, dtype: torch.dtype, device: torch.device | str) 
     "int8" always (on a CPU: torch's kernels for these layouts are CPU ones), "auto" where this
     CPU runs those kernels faster than float ones (measured once per processor)."""
     check_quantize(quantize)
-    on_cpu = torch.device(device).type == "cpu"
-    if quantize in KINDS and not on_cpu:
-        raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
+    _check_on_cpu(quantize, device)
     return quantize in KINDS or (quantize == "auto" and quantized_pays(dtype, device))
+
+
+def _check_on_cpu(quantize: str, device: torch.device | str) -> None:
+    if quantize in KINDS and torch.device(device).type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
 
 
 def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str, quantize: str) -> Runner:
@@ -92,8 +95,7 @@ def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.de
         return Runner()
     quantized = "gguf" if any(isinstance(m, QuantLinear) for m in model.modules()) else None  # kept blocks
     if quantized is None and quantize in KINDS:
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
+        _check_on_cpu(quantize, device)
         swap_in(model, stored(quantized_store(folder, quantize, dtype), lambda: quantize_linears(model, quantize)))
         quantized = quantize
     fast.speed_up(model, pack_weights=packing_pays(dtype, device))

@@ -12,9 +12,9 @@
       models/<name>.gguf                   models known by name, assembled from their packages
 
 The folder is keyed by the file's content, the dtype and whether it keeps the quantized blocks, so
-a renamed or moved file still hits it and a changed one does not. It is written under a temporary name in the cache folder and renamed
-into place only when complete: a folder with the final name is always whole, and an interrupted
-conversion leaves nothing the next load would mistake for one.
+a renamed or moved file still hits it and a changed one does not. It is written under a temporary
+name in the cache folder and renamed into place only when complete: a folder with the final name
+is always whole, and an interrupted conversion leaves nothing the next load would mistake for one.
 """
 
 from __future__ import annotations
