@@ -21,6 +21,8 @@ compute dtype and run the ordinary matrix product, which is 2x faster there. Fig
 from __future__ import annotations
 
 import functools
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,20 @@ KINDS = ("int4", "int8")
 KERNEL_POSITIONS = 8
 
 
+_scratch = threading.local()  # per thread: two threads' prompts must not share a buffer
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A buffer of `shape` kept between calls under `name`, grown as needed: what a band of
+    dequantized weights is written into. Its contents are the caller's until the next call."""
+    numel = math.prod(shape)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel].view(shape)
+
+
 def pack_int4(u: Tensor) -> Tensor:
     """(N, K) values 0..15 -> (N, K/2) uint8 in the CPU int4 kernel's layout: for each block of 64
     rows and each column, 32 bytes whose low nibble is row j's value and high nibble row j + 32's."""
@@ -43,13 +59,6 @@ def pack_int4(u: Tensor) -> Tensor:
     rows = u.to(torch.uint8).view(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(1, 2)  # (N/64, K, 64)
     half = BLOCK_ROWS // 2
     return (rows[..., :half] | (rows[..., half:] << 4)).contiguous().view(n, k // 2)
-
-
-def unpack_int4(packed: Tensor) -> Tensor:
-    """The inverse of `pack_int4`: (N, K/2) uint8 -> (N, K) values 0..15."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.view(n // BLOCK_ROWS, k, BLOCK_ROWS // 2)
-    return torch.cat([blocks & 15, blocks >> 4], dim=-1).transpose(1, 2).reshape(n, k)
 
 
 @functools.cache
@@ -141,24 +150,54 @@ class QuantLinear(nn.Module):
         return (self.scales_zeros if self.kind == "int4" else self.scale).dtype
 
     @staticmethod
-    def _int4_weight(terms: list[Tensor], scales_zeros: Tensor) -> Tensor:
-        """Each term's (n, K) values 0..15 and their (terms, K/32, n, 2) scales and zeros -> the
-        float32 (n, K) weight, in one multiply-add: two terms are one 8-bit value v = 16 * hi + lo
-        (their scales are 16 * s and s, as `groups` makes them), so w = v * s + (zero - 8 * sum of scales)."""
-        v = terms[0] if len(terms) == 1 else (terms[0] << 4) | terms[1]
+    def _scale_offset(scales_zeros: Tensor) -> tuple[Tensor, Tensor]:
+        """(terms, K/32, n, 2) scales and zeros -> float32 (n, K/32, 1) scale and offset of the
+        whole value v: two terms are one 8-bit value v = 16 * hi + lo (their scales are 16 * s and
+        s, as `groups` makes them), so w = v * s + (zero - 8 * sum of scales)."""
         sz = scales_zeros.float()
-        scale = sz[-1, ..., 0].t().contiguous()  # (n, K/32)
-        offset = (sz[0, ..., 1] - 8 * sz[..., 0].sum(0)).t().contiguous()  # (n, K/32)
+        scale = sz[-1, ..., 0].t().contiguous()
+        offset = (sz[0, ..., 1] - 8 * sz[..., 0].sum(0)).t().contiguous()
+        return scale[..., None], offset[..., None]
+
+    @classmethod
+    def _int4_weight(cls, terms: list[Tensor], scales_zeros: Tensor) -> Tensor:
+        """Each term's (n, K) values 0..15 and their scales and zeros -> the float32 (n, K) weight."""
+        v = terms[0] if len(terms) == 1 else (terms[0] << 4) | terms[1]
+        scale, offset = cls._scale_offset(scales_zeros)
         n = v.shape[0]
-        return torch.addcmul(offset[..., None], v.reshape(n, -1, GROUP).float(), scale[..., None]).view(n, -1)
+        return torch.addcmul(offset, v.reshape(n, -1, GROUP).float(), scale).view(n, -1)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Rows start:stop of the weight in the compute dtype (int4 bands start at multiples of 64)."""
+        """Rows start:stop of the weight in the compute dtype (start a multiple of 64 for int4)."""
         stop = self.out_features if stop is None else stop
+        out = torch.empty(stop - start, self.in_features, dtype=self.dtype)
+        for first in range(0, stop - start, self.band_rows):
+            self._dequantize_into(out[first : first + self.band_rows], start + first)
+        return out
+
+    def _dequantize_into(self, out: Tensor, start: int) -> Tensor:
+        """Rows start:start + len(out) of the weight, written into `out`. Every step writes into
+        `scratch` buffers: a fresh tensor of this size costs a page fault per 4 KiB, which took
+        longer than the arithmetic (docs/speed.md)."""
+        n, k = out.shape
         if self.kind == "int8":
-            return self.q[start:stop].to(self.dtype) * self.scale[start:stop, None]
-        terms = [unpack_int4(p) for p in self.packed[:, start:stop]]
-        return self._int4_weight(terms, self.scales_zeros[:, :, start:stop]).to(self.dtype)
+            return torch.mul(self.q[start : start + n], self.scale[start : start + n, None], out=out)
+        terms = len(self.packed)
+        values = scratch("values", (terms, n, k), torch.uint8)
+        # Unpacking writes straight into row order: the low nibbles of a 64-row block hold its
+        # first 32 rows, the high nibbles the next 32 (`pack_int4`).
+        halves = values.view(terms, n // BLOCK_ROWS, 2, BLOCK_ROWS // 2, k)
+        packed = self.packed[:, start : start + n].view(terms, n // BLOCK_ROWS, k, BLOCK_ROWS // 2).transpose(-1, -2)
+        torch.bitwise_and(packed, 15, out=halves[:, :, 0])
+        torch.bitwise_right_shift(packed, 4, out=halves[:, :, 1])
+        if terms == 2:
+            values[0].bitwise_left_shift_(4).bitwise_or_(values[1])
+        scale, offset = self._scale_offset(self.scales_zeros[:, :, start : start + n])
+        exact = out if out.dtype == torch.float32 else scratch("float32", (n, k), torch.float32)
+        grouped = exact.view(n, -1, GROUP)
+        grouped.copy_(values[0].view(n, -1, GROUP))
+        torch.addcmul(offset, grouped, scale, out=grouped)  # in float32, rounded once below
+        return out if exact is out else out.copy_(exact)
 
     def rows(self, ids: Tensor) -> Tensor:
         """The weight's rows `ids` (any shape) -> (*ids.shape, K): an embedding lookup."""
@@ -188,13 +227,18 @@ class QuantLinear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    @property
+    def band_rows(self) -> int:
+        """Rows dequantized at a time: BAND_BYTES of float32, in whole blocks of 64."""
+        return max(BLOCK_ROWS, BAND_BYTES // (self.in_features * 4) // BLOCK_ROWS * BLOCK_ROWS)
+
     def banded(self, x: Tensor) -> Tensor:
         """x times the weight for many rows: a band of dequantized rows at a time, then `F.linear`."""
-        band = max(BLOCK_ROWS, BAND_BYTES // (self.in_features * 4) // BLOCK_ROWS * BLOCK_ROWS)
-        parts = [
-            F.linear(x, self.dequantize(start, min(start + band, self.out_features)))
-            for start in range(0, self.out_features, band)
-        ]
+        parts = []
+        for start in range(0, self.out_features, self.band_rows):
+            rows = min(self.band_rows, self.out_features - start)
+            weight = self._dequantize_into(scratch("weight", (rows, self.in_features), self.dtype), start)
+            parts.append(F.linear(x, weight))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y if self.bias is None else y + self.bias
 

@@ -33,7 +33,8 @@ from kvgen.loading import convert as convert_module
 from kvgen.loading.blocks import DECODERS, blocks_layout, to_quant
 from kvgen.loading.convert import cached_folder, content_key, convert_gguf
 from kvgen.loading.tokenizer import load_tokenizer
-from kvgen.quant import QuantEmbedding, QuantLinear, int4_available, pack_int4, unpack_int4
+from kvgen import quant
+from kvgen.quant import QuantEmbedding, QuantLinear, int4_available, pack_int4
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen2, build_qwen3
 
 TEXTS = [
@@ -815,6 +816,24 @@ def test_a_large_weight_made_in_bands_of_rows_is_the_same(qtype, monkeypatch):
 
 
 @needs_int4
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_multiplies_band_after_band_of_the_weight(qtype, dtype, monkeypatch):
+    """A prompt's product dequantizes a band of rows at a time into buffers it reuses: band after
+    band, it is the product with the whole weight dequantized at once, bit for bit."""
+    if qtype == "int8":
+        got = QuantLinear.quantize(torch.randn(320, 512), "int8", dtype)
+    else:
+        got, _ = quantized_weight(qtype, rows=320, dtype=dtype)
+    x = torch.randn(1, 12, 512).to(dtype)  # more positions than KERNEL_POSITIONS: the banded product
+    whole = got.dequantize()  # one band
+    monkeypatch.setattr(quant, "BAND_BYTES", 128 * 512 * 4)  # bands of 128 rows: 3 of them, the last short
+    assert got.band_rows == 128
+    assert torch.equal(got.dequantize(), whole)
+    assert torch.equal(got(x), torch.cat([torch.nn.functional.linear(x, w) for w in whole.split(128)], dim=-1))
+
+
+@needs_int4
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_products_match_the_dequantized_weight(qtype, dtype):
@@ -847,7 +866,10 @@ def test_a_rows_product_does_not_depend_on_its_batch(qtype):
 def test_pack_layout_is_the_kernels():
     u = torch.randint(0, 16, (128, 96), dtype=torch.int32)
     assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), pack_int4(u))
-    assert torch.equal(unpack_int4(pack_int4(u)), u.to(torch.uint8))
+    # Dequantizing unpacks the same layout back into row order (scale 1, zero 8: w = u).
+    scales_zeros = torch.tensor([1.0, 8.0]).expand(1, 96 // 32, 128, 2).contiguous()
+    unpacked = QuantLinear("int4", {"packed": pack_int4(u)[None], "scales_zeros": scales_zeros}).dequantize()
+    assert torch.equal(unpacked, u.float())
 
 
 # Mixed storage types, as a Q4_K_M file has: a fused q/k/v and gate/up of several types.
