@@ -47,7 +47,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     numel = math.prod(shape)
     buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # one made in inference mode could not be written outside it
+            buffer = torch.empty(numel, dtype=dtype)
         setattr(_scratch, name, buffer)
     return buffer[:numel].view(shape)
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import gguf
@@ -27,13 +28,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kvgen
+from kvgen import quant
 from kvgen.cli import main
 from kvgen.generate import generate_tokens
 from kvgen.loading import convert as convert_module
 from kvgen.loading.blocks import DECODERS, blocks_layout, to_quant
 from kvgen.loading.convert import cached_folder, content_key, convert_gguf
 from kvgen.loading.tokenizer import load_tokenizer
-from kvgen import quant
 from kvgen.quant import QuantEmbedding, QuantLinear, int4_available, pack_int4
 from kvgen.testing import build_gemma3, build_gpt2, build_llama, build_qwen2, build_qwen3
 
@@ -333,6 +334,36 @@ CONFIG_FIELDS = [
     "n_positions",
     "layer_norm_epsilon",
 ]
+
+
+def test_header_reader_reads_what_gguf_reads(sources, tmp_path):
+    """kvgen reads a header's arrays whole (a vocabulary is 262k strings): every field, and every
+    tensor's place, as gguf's own reader gives them."""
+    from kvgen.loading.gguf import _reader
+
+    path = tmp_path / "fields.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_token_list(["<s>", "héllo", "", "▁wörld", "日本"])
+    w.add_token_scores([0.0, -1.5, 2.25, 1e-3, -7.0])
+    w.add_token_types([3, 1, 1, 1, 6])
+    w.add_array("test.empty", [])
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_chat_template("{{ messages }}")
+    w.add_uint32("test.count", 7)
+    w.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(8, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for file in (path, write_gguf(sources("llama"), tmp_path / "llama.gguf")):
+        theirs, ours = gguf.GGUFReader(file), _reader(file)
+        assert list(ours.fields) == list(theirs.fields)
+        for name, field in theirs.fields.items():
+            assert ours.fields[name].types == field.types, name
+            assert ours.fields[name].contents() == field.contents(), name
+        assert [(t.name, t.data_offset, t.shape.tolist()) for t in ours.tensors] == [
+            (t.name, t.data_offset, t.shape.tolist()) for t in theirs.tensors
+        ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "gpt2"])
@@ -831,6 +862,10 @@ def test_a_prompt_multiplies_band_after_band_of_the_weight(qtype, dtype, monkeyp
     assert got.band_rows == 128
     assert torch.equal(got.dequantize(), whole)
     assert torch.equal(got(x), torch.cat([torch.nn.functional.linear(x, w) for w in whole.split(128)], dim=-1))
+    monkeypatch.setattr(quant, "_scratch", threading.local())  # no buffers yet
+    with torch.inference_mode():  # the buffers, made in inference mode, serve outside it too
+        inside = got(2 * x)
+    assert torch.equal(got(2 * x), inside)
 
 
 @needs_int4
