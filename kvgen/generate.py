@@ -36,6 +36,7 @@ def prefill(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[Lay
     return logits
 
 
+@torch.inference_mode()
 def prefill_rows(model: nn.Module, tokens: Tensor, positions: Tensor, cache: list[LayerCache]) -> Tensor:
     """`prefill` for a left-padded (B, T) batch, each row computed alone; returns (B, vocab) logits.
 
