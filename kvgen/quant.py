@@ -177,9 +177,9 @@ class QuantLinear(nn.Module):
         return out
 
     def _dequantize_into(self, out: Tensor, start: int) -> Tensor:
-        """Rows start:start + len(out) of the weight, written into `out`. Every step writes into
-        `scratch` buffers: a fresh tensor of this size costs a page fault per 4 KiB, which took
-        longer than the arithmetic (docs/speed.md)."""
+        """Rows start:start + len(out) of the weight, written into `out`. The steps between go
+        through `scratch` buffers: a fresh tensor of a band's size costs a page fault per 4 KiB,
+        which took longer than the arithmetic (docs/speed.md)."""
         n, k = out.shape
         if self.kind == "int8":
             return torch.mul(self.q[start : start + n], self.scale[start : start + n, None], out=out)
