@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 GROUP = 32  # values per int4 scale: the 4-bit GGUF types' own group
 BLOCK_ROWS = 64  # rows the CPU int4 layout interleaves: 32 in the low nibbles, the next 32 in the high
 BAND_BYTES = 16 << 20  # a prompt's product dequantizes this many bytes of weights at a time
@@ -85,8 +87,13 @@ class QuantLinear(nn.Module):
 
     int4 holds `packed` (terms, N, K/2) uint8 and `scales_zeros` (terms, K/32, N, 2); the weight is
     the terms' sum, each (u - 8) * scale + zero. int8 holds `q` (N, K) int8 and `scale` (N,).
-    Scales are in the compute dtype, as the kernels require.
+    Scales are in the compute dtype, as the kernels require. `kernel` says whose int4 kernel
+    multiplies a few rows: torch's, or kvgen's own (`kvgen.kernels`) where the runner measured it
+    faster on this machine (`use_kernel`); kvgen's reads the scales block by block, (terms, N/64,
+    K/32, 64, 2), so that a block's rows read theirs from one place.
     """
+
+    kernel = "torch"
 
     def __init__(self, kind: str, tensors: dict[str, Tensor], bias: Tensor | None = None) -> None:
         super().__init__()
@@ -193,12 +200,37 @@ class QuantLinear(nn.Module):
         torch.bitwise_right_shift(packed, 4, out=halves[:, :, 1])
         if terms == 2:
             values[0].bitwise_left_shift_(4).bitwise_or_(values[1])
-        scale, offset = self._scale_offset(self.scales_zeros[:, :, start : start + n])
+        scale, offset = self._scale_offset(self._row_scales(slice(start, start + n)))
         exact = out if out.dtype == torch.float32 else scratch("float32", (n, k), torch.float32)
         grouped = exact.view(n, -1, GROUP)
         grouped.copy_(values[0].view(n, -1, GROUP))
         torch.addcmul(offset, grouped, scale, out=grouped)  # in float32, rounded once below
         return out if exact is out else out.copy_(exact)
+
+    def _row_scales(self, rows: slice | Tensor) -> Tensor:
+        """The (terms, K/32, n, 2) scales and zeros of `rows` (a slice of whole blocks of 64, or ids),
+        in either layout."""
+        if self.kernel == "torch":
+            return self.scales_zeros[:, :, rows]
+        if isinstance(rows, slice):
+            blocks = self.scales_zeros[
+                :, rows.start // BLOCK_ROWS : rows.stop // BLOCK_ROWS
+            ]  # (terms, n/64, K/32, 64, 2)
+            return blocks.transpose(1, 2).flatten(2, 3)
+        return self.scales_zeros[:, rows // BLOCK_ROWS, :, rows % BLOCK_ROWS].permute(1, 2, 0, 3)  # (n, ...) first
+
+    def set_kernel(self, kernel: str) -> Tensor | None:
+        """Multiply few rows with `kernel`, its scales laid out as it reads them; returns the
+        scales it no longer reads (None where nothing changed)."""
+        if self.kind != "int4" or kernel == self.kernel:
+            return None
+        old, (terms, groups, n) = self.scales_zeros, (len(self.packed), self.in_features // GROUP, self.out_features)
+        if kernel == "kvgen":
+            self.scales_zeros = old.view(terms, groups, n // BLOCK_ROWS, BLOCK_ROWS, 2).transpose(1, 2).contiguous()
+        else:
+            self.scales_zeros = old.transpose(1, 2).reshape(terms, groups, n, 2)
+        self.kernel = kernel
+        return old
 
     def rows(self, ids: Tensor) -> Tensor:
         """The weight's rows `ids` (any shape) -> (*ids.shape, K): an embedding lookup."""
@@ -212,14 +244,16 @@ class QuantLinear(nn.Module):
             for packed in self.packed:
                 bytes_ = packed.view(-1, self.in_features, half)[flat // BLOCK_ROWS, :, flat % half]  # (n, K)
                 terms.append(torch.where(high, bytes_ >> 4, bytes_ & 15))
-            out = self._int4_weight(terms, self.scales_zeros[:, :, flat]).to(self.dtype)
+            out = self._int4_weight(terms, self._row_scales(flat)).to(self.dtype)
         return out.view(*ids.shape, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() > 2 and x.shape[-2] > KERNEL_POSITIONS:  # a prompt: many positions per sequence
             return self.banded(x)
         flat = x.reshape(-1, self.in_features)
-        if self.kind == "int4":
+        if self.kernel == "kvgen":
+            y = torch.ops.kvgen.int4_mm(flat, self.packed, self.scales_zeros)  # every term in one call
+        elif self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed[0], GROUP, self.scales_zeros[0])
             for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:]):
                 y = y + torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales_zeros)
@@ -294,6 +328,16 @@ class Split(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.joined(x).split(self.sizes, dim=-1)
+
+
+def use_kernel(model: nn.Module, kernel: str) -> list[Tensor]:
+    """Have every int4 QuantLinear of `model` multiply few rows with `kernel`: "torch" or "kvgen"
+    (built for this CPU by `kvgen.kernels`, for bfloat16 models). Returns the
+    scales no longer read (their memory-mapped pages can go)."""
+    if kernel == "kvgen" and (why := kernels.load("int4_mm")) is not None:
+        raise ValueError(f"kvgen's int4 kernel is not available: {why}")
+    replaced = [module.set_kernel(kernel) for module in model.modules() if isinstance(module, QuantLinear)]
+    return [old for old in replaced if old is not None]
 
 
 def _place(t: Tensor) -> tuple:

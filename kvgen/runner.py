@@ -1,8 +1,9 @@
 """How a loaded model runs, chosen once at load; the generation loop never knows.
 
 `prepare` settles the weights' format: a GGUF's quantized matrices stay 4-8-bit on torch's
-weight-only kernels (`kvgen.quant`) where this machine runs those faster than float ones (measured
-once per processor, `kvgen.loading.dtype`); a float checkpoint can be quantized the same way; then
+weight-only kernels (`kvgen.quant`), or kvgen's own int4 kernel (`kvgen.kernels`), where this
+machine runs those faster than float ones (measured once per processor, `kvgen.loading.dtype`); a
+float checkpoint can be quantized the same way; then
 sibling projections are fused and float weights prepacked where that pays (`kvgen.fast`). The
 `Runner` it returns hands the loop its decode step (`generate.generate_tokens(..., decoder=...)`):
 on a GPU with the static cache, one recorded as a CUDA graph and replayed (`kvgen.graphs`).
@@ -19,11 +20,11 @@ from torch import nn
 from . import fast, graphs
 from .cache import LayerCache
 from .generate import Decode, plain_decoder
-from .loading import return_freed_memory, save_tensors, weight_files
+from .loading import release_file_pages, return_freed_memory, save_tensors, weight_files
 from .loading.blocks import block_tensors, blocks_layout, read_blocks
 from .loading.convert import cache_root, content_key
-from .loading.dtype import packing_pays, quantized_pays
-from .quant import KINDS, QuantLinear, quantize_linears, swap_in
+from .loading.dtype import int4_kernel, packing_pays, quantized_pays
+from .quant import KINDS, QuantLinear, quantize_linears, swap_in, use_kernel
 
 QUANTIZE = ("auto", "none", *KINDS)
 
@@ -99,5 +100,7 @@ def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.de
         swap_in(model, stored(quantized_store(folder, quantize, dtype), lambda: quantize_linears(model, quantize)))
         quantized = quantize
     fast.speed_up(model, pack_weights=packing_pays(dtype, device))
+    if quantized is not None:  # after fusing: the fused products are new modules
+        release_file_pages(use_kernel(model, int4_kernel(dtype, device)))
     return_freed_memory()  # the scratch copies that fusing and packing freed
     return Runner(quantized)

@@ -13,7 +13,7 @@ from kvgen.loading.dtype import fastest_dtype, packing_pays, quantized_pays, res
 def test_measured_once_then_remembered(tmp_path, monkeypatch):
     monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
     times = {torch.float32: 2.0, torch.bfloat16: 1.0}
-    speedup = {"": 1, "_packed": 2, "_int8": 1.5, "_int4": 4}
+    speedup = {"": 1, "_packed": 2, "_int8": 1.5, "_int4": 4, "_int4_kvgen": 5}
     monkeypatch.setattr(dtype_module, "_seconds_per_matvec", lambda dtype, kernel="": times[dtype] / speedup[kernel])
     assert fastest_dtype() == torch.bfloat16
     (record,) = json.loads((tmp_path / "fastest-dtype.json").read_text()).values()

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kvgen
-from kvgen import quant
+from kvgen import kernels, quant
 from kvgen.cli import main
 from kvgen.generate import generate_tokens
 from kvgen.loading import convert as convert_module
@@ -938,14 +938,19 @@ def test_quantized_path_gives_the_float32_reference_tokens(arch, sources, cache,
 
 
 @needs_int4
+@pytest.mark.parametrize("kernel", ["torch", "kvgen"])
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
-def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path, cache_kind):
-    """kvgen's default on a fast CPU: bfloat16 over the quantized weights. A batch's greedy rows are
-    the rows run alone: each prompt is prefilled alone (`prefill_rows`), the decode kernels compute
-    each row the same way whatever the batch, and each row attends over its own slots only. Prompts
-    of unlike lengths (left padding), short and long enough for the prompt products (> 8 positions)."""
+def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path, cache_kind, kernel):
+    """kvgen's default on a fast CPU: bfloat16 over the quantized weights, on torch's int4 kernel or
+    kvgen's own. A batch's greedy rows are the rows run alone: each prompt is prefilled alone
+    (`prefill_rows`), the decode kernels compute each row the same way whatever the batch, and each
+    row attends over its own slots only. Prompts of unlike lengths (left padding), short and long
+    enough for the prompt products (> 8 positions)."""
+    if kernel == "kvgen" and (why := kernels.load("int4_mm")) is not None:
+        pytest.skip(f"kvgen's int4 kernel is not here: {why}")
     path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf", Q.Q4_K, types=MIXED)
     lm = kvgen.load(path, dtype="bfloat16", quantize="int4")
+    quant.use_kernel(lm.model, kernel)
     texts = ["It was the best of times", "it was the worst of times, it was the age of wisdom, it was", "the age"]
     prompts = [lm.encode(p) for p in texts]
     assert len({len(p) for p in prompts}) == 3 and max(map(len, prompts)) > 8
@@ -1037,3 +1042,21 @@ def test_llama_cpp_logits_go_through_the_same_measurement(sources, cache, tmp_pa
         chunk_logits(reference.model, ids[1:], 64), llama_cpp_logits(path, ids[:-1], 64, threads=1), ids[1:]
     )
     assert shifted.mean_kld > 100 * quality.mean_kld + 1e-3  # the measurement can tell
+
+
+@needs_int4
+def test_either_int4_kernel_gives_the_same_greedy_tokens(sources, cache, tmp_path):
+    """kvgen's own int4 kernel, where this CPU builds it, against torch's on one bfloat16 model: the
+    same values up to their rounding (both sum in float32), so the same greedy tokens."""
+    if (why := kernels.load("int4_mm")) is not None:
+        pytest.skip(f"kvgen's int4 kernel is not here: {why}")
+    path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf", Q.Q4_K, types=MIXED)
+    lm = kvgen.load(path, dtype="bfloat16", quantize="int4")
+    ids = sample_ids(sources("llama", "wide", scale=1.0))
+    runs = {}
+    for kernel in ("torch", "kvgen"):
+        quant.use_kernel(lm.model, kernel)
+        assert all(m.kernel == kernel for m in lm.model.modules() if isinstance(m, QuantLinear))
+        runs[kernel] = torch.stack(list(generate_tokens(lm.model, [ids], 16, decoder=lm.runner.decoder)), 1)
+    assert len(set(runs["torch"][0].tolist())) > 3  # not one token repeated
+    assert torch.equal(runs["kvgen"], runs["torch"])

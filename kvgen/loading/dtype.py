@@ -23,7 +23,8 @@ ROWS, COLS = 4096, 4096
 def _seconds_per_matvec(dtype: torch.dtype, kernel: str = "", repeats: int = 5) -> float:
     """Best time of one (1, COLS) x (COLS, ROWS) product: through `F.linear`; "_packed" through
     oneDNN's prepacked kernel (`kvgen.fast`); "_int4" or "_int8" through torch's weight-only
-    kernels over quantized weights (`kvgen.quant`)."""
+    kernels over quantized weights (`kvgen.quant`); "_int4_kvgen" through kvgen's own int4 kernel
+    (`kvgen.kernels`)."""
     from ..fast import pack, packed_linear
     from ..quant import QuantLinear
 
@@ -32,11 +33,12 @@ def _seconds_per_matvec(dtype: torch.dtype, kernel: str = "", repeats: int = 5) 
     if kernel == "_packed":
         weight = pack(weight)
         product = lambda: packed_linear(x, weight, None)  # noqa: E731
-    elif kernel in ("_int4", "_int8"):
-        product = QuantLinear.quantize(weight, kernel[1:])
+    elif kernel.startswith(("_int4", "_int8")):
+        product = QuantLinear.quantize(weight, kernel[1:5])
+        product.set_kernel("kvgen" if kernel.endswith("_kvgen") else "torch")
     else:
         product = lambda: F.linear(x, weight)  # noqa: E731
-    if kernel in ("_int4", "_int8"):
+    if isinstance(product, QuantLinear):
         quantized = product
         product = lambda: quantized(x)  # noqa: E731
     product()  # warm-up: kernel selection, page faults
@@ -82,8 +84,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 def kernel_times(cache_dir: Path | None = None) -> dict:
     """This processor's matrix-vector times, measured once and remembered in the kvgen cache:
     `{"float32_s", "bfloat16_s", "float32_packed_s", ..., "bfloat16_int4_s", "bfloat16_int8_s"}`
-    in seconds (packed where torch has oneDNN, int4 where it has that kernel), and `dtype`, the
-    float dtype that decodes faster."""
+    in seconds (packed where torch has oneDNN, int4 where it has that kernel), "bfloat16_int4_kvgen_s"
+    where kvgen's own int4 kernel builds on this CPU, and `dtype`, the float dtype that decodes faster."""
+    from .. import kernels
     from ..fast import packing_available
     from ..quant import int4_available
     from . import save_json
@@ -95,8 +98,10 @@ def kernel_times(cache_dir: Path | None = None) -> dict:
         known = json.loads(record.read_text())
     except (OSError, ValueError):
         known = {}
-    kernels = ("", "_int8", *(("_packed",) if packing_available() else ()), *(("_int4",) if int4_available() else ()))
-    wanted = {f"{str(d).removeprefix('torch.')}{kernel}_s" for d in KERNEL_DTYPES for kernel in kernels}
+    variants = ("", "_int8", *(("_packed",) if packing_available() else ()), *(("_int4",) if int4_available() else ()))
+    wanted = {f"{str(d).removeprefix('torch.')}{kernel}_s" for d in KERNEL_DTYPES for kernel in variants}
+    if kernels.load("int4_mm") is None:  # bfloat16 inputs only
+        wanted.add("bfloat16_int4_kvgen_s")
     if not wanted <= known.get(key, {}).keys():  # never measured, or before a kernel was added
         times, best = {}, {}
         threads = torch.get_num_threads()
@@ -106,7 +111,7 @@ def kernel_times(cache_dir: Path | None = None) -> dict:
         try:
             for dtype in KERNEL_DTYPES:
                 name = str(dtype).removeprefix("torch.")
-                for kernel in kernels:
+                for kernel in variants + (("_int4_kvgen",) if f"{name}_int4_kvgen_s" in wanted else ()):
                     times[f"{name}{kernel}_s"] = _seconds_per_matvec(dtype, kernel)
                 best[name] = min(times[f"{name}_s"], times.get(f"{name}_packed_s", float("inf")))
         finally:
@@ -117,7 +122,20 @@ def kernel_times(cache_dir: Path | None = None) -> dict:
 
 
 def _best_quantized_s(times: dict, name: str) -> float:
-    return min(times.get(f"{name}_int4_s", float("inf")), times.get(f"{name}_int8_s", float("inf")))
+    return min(times.get(f"{name}_{kernel}_s", float("inf")) for kernel in ("int4", "int8", "int4_kvgen"))
+
+
+def int4_kernel(dtype: torch.dtype, device: torch.device | str = "cpu", cache_dir: Path | None = None) -> str:
+    """Whose int4 kernel multiplies `dtype` rows faster on this CPU, measured once: "kvgen" (its
+    own, `kvgen.kernels`) or "torch"."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return "torch"
+    times = kernel_times(cache_dir)
+    return (
+        "kvgen"
+        if times.get("bfloat16_int4_kvgen_s", float("inf")) < times.get("bfloat16_int4_s", float("inf"))
+        else "torch"
+    )
 
 
 def fastest_dtype(

@@ -1,0 +1,116 @@
+"""kvgen's own int4 kernel (kvgen/kernels): the products it computes, its batch invariance, and how
+it is built, kept and rebuilt. Against independent references: the weight dequantized and
+multiplied in float64, the same row alone, a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from kvgen import kernels, quant
+from kvgen.loading import dtype as dtype_module
+from kvgen.quant import QuantLinear, int4_available
+
+WHY_NOT = kernels.load("int4_mm") if int4_available() else "torch has no CPU int4 layout to share"
+needs_kernel = pytest.mark.skipif(WHY_NOT is not None, reason=f"kvgen's int4 kernel is not here: {WHY_NOT}")
+
+
+def weight(bits: int, rows: int = 192, cols: int = 352, seed: int = 0) -> QuantLinear:
+    """A random weight as one int4 term (4 bits) or two (8 bits), 3 blocks of rows, 11 groups."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    return QuantLinear.quantize(w, "int4", torch.bfloat16, bits=bits)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+def test_products_are_the_dequantized_weights(bits, rows):
+    """The kernel's rows are the float64 products of the same bfloat16 inputs with the weight's
+    exact values (its int4 steps times bfloat16 scales), rounded once to bfloat16 (2^-9 of each
+    value; float32 sums add far less)."""
+    q = weight(bits)
+    exact = QuantLinear("int4", {"packed": q.packed, "scales_zeros": q.scales_zeros.float()}).dequantize()
+    x = torch.randn(rows, q.in_features).bfloat16()
+    want = x.double() @ exact.double().T
+    q.set_kernel("kvgen")
+    got = q(x).double()
+    assert got.shape == want.shape
+    assert ((got - want).abs() <= 2**-8 * want.abs() + 1e-5 * want.abs().max()).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_rows_product_does_not_depend_on_its_batch(bits):
+    """Rows go through the kernel four at a time; each one's bits are the same alone or beside others."""
+    q = weight(bits)
+    q.set_kernel("kvgen")
+    x = torch.randn(11, 1, q.in_features).bfloat16()
+    together = q(x)
+    for i in range(len(x)):
+        assert torch.equal(q(x[i : i + 1]), together[i : i + 1]), i
+
+
+@needs_kernel
+def test_the_kernels_scales_layout_holds_the_same_weight(monkeypatch):
+    """Taking kvgen's kernel lays the scales out block by block: dequantizing, embedding lookups and
+    a prompt's banded products read the very same values, and going back restores the tensor."""
+    q = weight(8, rows=320)
+    before = q.scales_zeros.clone()
+    whole, ids = q.dequantize(), torch.tensor([[0, 63], [64, 319]])
+    prompt = torch.randn(1, 12, q.in_features).bfloat16()  # more than KERNEL_POSITIONS: banded
+    monkeypatch.setattr(quant, "BAND_BYTES", 128 * q.in_features * 4)  # bands of 128 rows, the last short
+    monkeypatch.setattr(quant, "_scratch", threading.local())
+    banded = q(prompt)
+    assert torch.equal(q.set_kernel("kvgen"), before)  # what it no longer reads
+    assert q.scales_zeros.shape == (2, 5, 11, 64, 2)
+    assert torch.equal(q.dequantize(), whole) and torch.equal(q.rows(ids), whole[ids])
+    assert torch.equal(q(prompt), banded)
+    q.set_kernel("torch")
+    assert torch.equal(q.scales_zeros, before)
+
+
+@needs_kernel
+def test_a_damaged_library_is_built_again(tmp_path):
+    """Built once into the kvgen cache, loaded from there by the next process, built again where the
+    file is damaged, never a crash."""
+    env = {**os.environ, "KVGEN_CACHE": str(tmp_path)}
+    probe = (
+        "import torch; from kvgen import kernels; assert kernels.load('int4_mm') is None; "
+        "print(torch.ops.kvgen.int4_mm)"
+    )
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "building" in run()
+    (library,) = (tmp_path / "kernels").glob("int4_mm-*.so")
+    assert "building" not in run()  # kept
+    library.write_bytes(b"not a library")
+    assert "building" in run()
+    assert library.stat().st_size > 1000
+
+
+def test_a_cpu_without_its_instructions_keeps_torchs_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(dtype_module, "cpu_name_and_flags", lambda: ("Some CPU", {"avx2", "fma"}))
+    assert "lacks avx512f" in kernels.load.__wrapped__("int4_mm")
+    assert not (tmp_path / "kernels").exists()  # nothing was built
+
+
+def test_the_faster_kernel_is_chosen_per_machine(tmp_path, monkeypatch):
+    """int4_kernel reads the per-processor measurement: kvgen's kernel only where it was faster, and
+    only for bfloat16 on a CPU."""
+    monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
+    for kvgen_s, want in [(0.5, "kvgen"), (2.0, "torch")]:
+        times = {"dtype": "bfloat16", "bfloat16_int4_s": 1.0, "bfloat16_int4_kvgen_s": kvgen_s}
+        monkeypatch.setattr(dtype_module, "kernel_times", lambda cache_dir=None, t=times: t)
+        assert dtype_module.int4_kernel(torch.bfloat16) == want
+        assert dtype_module.int4_kernel(torch.float32) == "torch"
+        assert dtype_module.int4_kernel(torch.bfloat16, "meta") == "torch"
