@@ -277,7 +277,8 @@ class QuantLinear(nn.Module):
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y if self.bias is None else y + self.bias
 
-    # The tensors that hold rows, and the dimension their rows run along.
+    # The tensors that hold rows, and the dimension their rows run along (torch's layout; kvgen's
+    # kernel holds the scales by blocks of 64 rows, along dimension 1).
     ROW_DIMS = {"int4": {"packed": 1, "scales_zeros": 2}, "int8": {"q": 0, "scale": 0}}
 
     @staticmethod
@@ -289,19 +290,25 @@ class QuantLinear(nn.Module):
             p.kind != first.kind
             or p.dtype != first.dtype
             or (p.bias is None) != (first.bias is None)
+            or p.kernel != first.kernel
             or (p.kind == "int4" and len(p.packed) != len(first.packed))
             for p in parts
         ):
             return None
         sizes = [p.out_features for p in parts]
         row_dims = {**QuantLinear.ROW_DIMS[first.kind], **({"bias": 0} if first.bias is not None else {})}
+        if first.kernel == "kvgen":  # scales by blocks of rows: parts of whole blocks join along the blocks
+            row_dims["scales_zeros"] = 1
         joined = {}
         for name, dim in row_dims.items():
             joined[name] = torch.cat([getattr(p, name) for p in parts], dim=dim)
-            for p, view in zip(parts, joined[name].split(sizes, dim=dim)):
+            split = [size // BLOCK_ROWS for size in sizes] if dim == 1 and name == "scales_zeros" else sizes
+            for p, view in zip(parts, joined[name].split(split, dim=dim)):
                 setattr(p, name, view)
         bias = joined.pop("bias", None)
-        return QuantLinear(first.kind, joined, bias)
+        fused = QuantLinear(first.kind, joined, bias)
+        fused.kernel = first.kernel  # its tensors are already laid out for it
+        return fused
 
     def extra_repr(self) -> str:
         form = f"int4 x{len(self.packed)}" if self.kind == "int4" else "int8"
@@ -332,8 +339,9 @@ class Split(nn.Module):
 
 def use_kernel(model: nn.Module, kernel: str) -> list[Tensor]:
     """Have every int4 QuantLinear of `model` multiply few rows with `kernel`: "torch" or "kvgen"
-    (built for this CPU by `kvgen.kernels`, for bfloat16 models). Returns the
-    scales no longer read (their memory-mapped pages can go)."""
+    (built for this CPU by `kvgen.kernels`, for bfloat16 models). Returns the scales no longer
+    read (their memory-mapped pages can go). Called before fusing (`kvgen.runner`), so that fused
+    products join tensors already laid out for their kernel; after it, each part gets a copy."""
     if kernel == "kvgen" and (why := kernels.load("int4_mm")) is not None:
         raise ValueError(f"kvgen's int4 kernel is not available: {why}")
     replaced = [module.set_kernel(kernel) for module in model.modules() if isinstance(module, QuantLinear)]

@@ -99,8 +99,8 @@ def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.de
         _check_on_cpu(quantize, device)
         swap_in(model, stored(quantized_store(folder, quantize, dtype), lambda: quantize_linears(model, quantize)))
         quantized = quantize
-    fast.speed_up(model, pack_weights=packing_pays(dtype, device))
-    if quantized is not None:  # after fusing: the fused products are new modules
+    if quantized is not None:  # before fusing: fused products join tensors laid out for their kernel
         release_file_pages(use_kernel(model, int4_kernel(dtype, device)))
+    fast.speed_up(model, pack_weights=packing_pays(dtype, device))
     return_freed_memory()  # the scratch copies that fusing and packing freed
     return Runner(quantized)
