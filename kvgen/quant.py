@@ -12,6 +12,10 @@ A decode step of one row streams every weight once, so its speed is the weights'
 - **int8**, `aten._weight_int8pack_mm`: w = q * scale with one scale per row, for a float
   checkpoint quantized at load (`quantize="int8"`) and for shapes the int4 layout cannot hold.
 
+torch's int4 kernel is bound by its arithmetic, not by memory; where this CPU builds kvgen's own
+(`kvgen.kernels`, AVX-512 BF16) and it was measured faster, the runner hands the int4 weights to
+it (`use_kernel`): the same nibbles, the scales laid out by blocks of rows.
+
 The kernels compute a row's product the same way however many rows a step has, so one sequence's
 greedy tokens do not depend on its batch. They pay for few rows per weight (decode, a prompt's last
 position); a prompt's many positions instead dequantize a band of weight rows at a time into the

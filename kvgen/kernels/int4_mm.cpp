@@ -1,8 +1,7 @@
-
-
-
-// kvgen::int4_mm: bfloat16 rows x times a weight kept in torch's CPU int4 layout, summed over its
-// terms (kvgen/quant.py) -> (M, N) bfloat16, each row computed alone (the same bits in any batch).
+// kvgen::int4_mm: bfloat16 rows x times an int4 weight, summed over its terms (kvgen/quant.py) ->
+// (M, N) bfloat16, each row computed alone (the same bits in any batch). The nibbles are in torch's
+// CPU int4 layout; the scales are laid out by blocks of 64 rows, so that a block reads its own from
+// one place (in torch's layout a large head's were a megabyte apart, group after group).
 //
 // torch's own kernel widens every nibble to float32 and is bound by that arithmetic (about 17 GB/s
 // of weights on two cores). Here two nibbles of a row become two bfloat16 lanes with a mask and an
@@ -130,8 +129,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   float* pp = partial.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, N / kBlockRows, 1, [&](int64_t begin, int64_t end) {
-    // Term by term over this thread's blocks: each term's rows stream alone (interleaving the
-    // terms block by block read them at a third less speed).
+    // Term by term over this thread's blocks: one stream of weights at a time.
     for (int64_t t = 0; t < terms; ++t)
       for (int64_t block = begin; block < end; ++block)
         for (int64_t m = 0; m < M; m += kMaxRows) {
