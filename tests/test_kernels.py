@@ -89,8 +89,11 @@ def test_a_damaged_library_is_built_again(tmp_path):
         assert done.returncode == 0, done.stderr
         return done.stderr
 
+    stale = tmp_path / "kernels" / "int4_mm-from-an-older-source.so"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     assert "building" in run()
-    (library,) = (tmp_path / "kernels").glob("int4_mm-*.so")
+    (library,) = (tmp_path / "kernels").glob("int4_mm-*.so")  # the stale one went
     assert "building" not in run()  # kept
     library.write_bytes(b"not a library")
     assert "building" in run()
@@ -114,3 +117,20 @@ def test_the_faster_kernel_is_chosen_per_machine(tmp_path, monkeypatch):
         assert dtype_module.int4_kernel(torch.bfloat16) == want
         assert dtype_module.int4_kernel(torch.float32) == "torch"
         assert dtype_module.int4_kernel(torch.bfloat16, "meta") == "torch"
+
+
+def test_a_failed_build_is_reported_once_and_not_retried(tmp_path, monkeypatch):
+    """No compiler (or a compile error): the reason, torch's kernel kept, and no second try in
+    later processes (the reason is kept beside where the library would be)."""
+    monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
+    flags = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"}
+    monkeypatch.setattr(dtype_module, "cpu_name_and_flags", lambda: ("Some CPU", flags))
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'kvgen_int4_mm'\nc++: not found")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
+    why = kernels.load.__wrapped__("int4_mm")
+    assert "could not be built" in why and "c++: not found" in why
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: pytest.fail("built twice"))
+    assert kernels.load.__wrapped__("int4_mm") == why

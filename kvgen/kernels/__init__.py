@@ -60,6 +60,9 @@ def _build(name: str, cflags: list[str], target: Path) -> None:
             is_python_module=False,
         )
         os.replace(built, target)
+    for stale in target.parent.glob(f"{name}-*.so"):  # built from an older source, torch or CPU
+        if stale != target:
+            stale.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -72,6 +75,9 @@ def load(name: str) -> str | None:
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     target = _library(name, cflags)
+    failed = target.with_suffix(".failed")  # why the last build failed: not tried again by every process
+    if failed.is_file():
+        return failed.read_text()
     try:
         torch.ops.load_library(str(target))
         return None
@@ -82,4 +88,9 @@ def load(name: str) -> str | None:
         return None
     except Exception as e:  # no compiler, a compile error: torch's kernel stays
         lines = str(e).strip().splitlines()
-        return f"it could not be built ({type(e).__name__}{': ' + lines[-1] if lines else ''})"
+        why = f"it could not be built ({type(e).__name__}{': ' + lines[-1] if lines else ''}; {failed} holds this)"
+        try:
+            failed.write_text(why)
+        except OSError:
+            pass
+        return why
