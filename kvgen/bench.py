@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from .loading.tokenizer import load_tokenizer
-from .quant import QuantEmbedding
+from .quant import QuantEmbedding, QuantLinear
 
 SYSTEMS = ("kvgen", "hf", "llama.cpp")
 PEERS = SYSTEMS[1:]
@@ -165,6 +165,9 @@ def load_kvgen(spec: dict) -> tuple[Generate, int, str]:
         return tokens, start, stamps
 
     quantized = {"gguf": "GGUF int4/int8", None: ""}.get(lm.runner.quantized, lm.runner.quantized)
+    kernels = {m.kernel for m in lm.model.modules() if isinstance(m, QuantLinear) and m.kind == "int4"}
+    if kernels == {"kvgen"}:
+        quantized += ", kvgen's int4 kernel"
     weights = spec["dtype"] + (f", {quantized}" if quantized else "")
     return generate, weight_bytes_per_token(lm.model), weights
 

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -120,12 +121,18 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
                   scales_zeros.sizes() == at::IntArrayRef({terms, N / kBlockRows, K / kGroup, kBlockRows, 2}),
               "int4_mm: scales_zeros must be (terms, N/64, K/32, 64, 2) bfloat16");
   const auto xs = x.contiguous(), ps = packed.contiguous(), ss = scales_zeros.contiguous();
-  const auto sums = xs.view({M, K / kGroup, kGroup}).to(at::kFloat).sum(-1).contiguous();  // (M, K/32)
+  const auto* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
+  std::vector<float> sums(M * (K / kGroup));  // each group's sum of x, in float32
+  for (int64_t i = 0; i < M * K; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(xp[i]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    sums[i / kGroup] += value;
+  }
   auto out = at::empty({M, N}, x.options());
   auto partial = at::empty({terms > 1 ? M : 0, N}, x.options().dtype(at::kFloat));
   const Weight w{ps.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(ss.data_ptr()), terms, N, K};
-  const auto* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
-  const float* gp = sums.data_ptr<float>();
+  const float* gp = sums.data();
   float* pp = partial.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, N / kBlockRows, 1, [&](int64_t begin, int64_t end) {
