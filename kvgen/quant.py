@@ -217,22 +217,31 @@ class QuantLinear(nn.Module):
         if self.kernel == "torch":
             return self.scales_zeros[:, :, rows]
         if isinstance(rows, slice):
-            blocks = self.scales_zeros[
-                :, rows.start // BLOCK_ROWS : rows.stop // BLOCK_ROWS
-            ]  # (terms, n/64, K/32, 64, 2)
-            return blocks.transpose(1, 2).flatten(2, 3)
-        return self.scales_zeros[:, rows // BLOCK_ROWS, :, rows % BLOCK_ROWS].permute(1, 2, 0, 3)  # (n, ...) first
+            blocks = self.scales_zeros[:, rows.start // BLOCK_ROWS : rows.stop // BLOCK_ROWS]  # (1, n/64, K/32, 64, 2)
+            return self._per_term(blocks.transpose(1, 2).flatten(2, 3))
+        return self._per_term(self.scales_zeros[:, rows // BLOCK_ROWS, :, rows % BLOCK_ROWS].permute(1, 2, 0, 3))
+
+    def _per_term(self, scale_zero: Tensor) -> Tensor:
+        """(1, K/32, n, 2) scale and zero of each group -> each term's, as `groups` makes them: an
+        8-bit value's high nibbles at 16 * scale with the zero, its low ones at scale with none."""
+        if len(self.packed) == 1:
+            return scale_zero
+        scale, zero = scale_zero[..., 0], scale_zero[..., 1]
+        high = torch.stack([16 * scale, zero], dim=-1)  # 16 * a bfloat16 scale: exact
+        return torch.cat([high, torch.stack([scale, torch.zeros_like(zero)], dim=-1)])
 
     def set_kernel(self, kernel: str) -> Tensor | None:
         """Multiply few rows with `kernel`, its scales laid out as it reads them; returns the
-        scales it no longer reads (None where nothing changed)."""
+        scales it no longer reads (None where nothing changed). kvgen's kernel takes one scale and
+        zero a group, by blocks of 64 rows: an 8-bit value's two terms share them."""
         if self.kind != "int4" or kernel == self.kernel:
             return None
-        old, (terms, groups, n) = self.scales_zeros, (len(self.packed), self.in_features // GROUP, self.out_features)
+        old, groups, n = self.scales_zeros, self.in_features // GROUP, self.out_features
         if kernel == "kvgen":
-            self.scales_zeros = old.view(terms, groups, n // BLOCK_ROWS, BLOCK_ROWS, 2).transpose(1, 2).contiguous()
+            shared = torch.stack([old[-1, ..., 0], old[0, ..., 1]], dim=-1)  # the low term's scale, the zero
+            self.scales_zeros = shared.view(1, groups, n // BLOCK_ROWS, BLOCK_ROWS, 2).transpose(1, 2).contiguous()
         else:
-            self.scales_zeros = old.transpose(1, 2).reshape(terms, groups, n, 2)
+            self.scales_zeros = self._per_term(old.transpose(1, 2).reshape(1, groups, n, 2))
         self.kernel = kernel
         return old
 
@@ -295,6 +304,7 @@ class QuantLinear(nn.Module):
             or p.dtype != first.dtype
             or (p.bias is None) != (first.bias is None)
             or p.kernel != first.kernel
+            or p.scales_zeros.shape[0] != first.scales_zeros.shape[0]
             or (p.kind == "int4" and len(p.packed) != len(first.packed))
             for p in parts
         ):
