@@ -14,7 +14,8 @@ A decode step of one row streams every weight once, so its speed is the weights'
 
 torch's int4 kernel is bound by its arithmetic, not by memory; where this CPU builds kvgen's own
 (`kvgen.kernels`, AVX-512 BF16) and it was measured faster, the runner hands the int4 weights to
-it (`use_kernel`): the same nibbles, the scales laid out by blocks of rows.
+it (`use_kernel`): the same nibbles, one scale and zero a group (an 8-bit value's two terms
+share theirs), laid out by blocks of rows.
 
 The kernels compute a row's product the same way however many rows a step has, so one sequence's
 greedy tokens do not depend on its batch. They pay for few rows per weight (decode, a prompt's last
@@ -93,8 +94,8 @@ class QuantLinear(nn.Module):
     the terms' sum, each (u - 8) * scale + zero. int8 holds `q` (N, K) int8 and `scale` (N,).
     Scales are in the compute dtype, as the kernels require. `kernel` says whose int4 kernel
     multiplies a few rows: torch's, or kvgen's own (`kvgen.kernels`) where the runner measured it
-    faster on this machine (`use_kernel`); kvgen's reads the scales block by block, (terms, N/64,
-    K/32, 64, 2), so that a block's rows read theirs from one place.
+    faster on this machine (`use_kernel`); kvgen's reads one scale and zero a group, block by block,
+    (1, N/64, K/32, 64, 2), so that a block's rows read theirs from one place.
     """
 
     kernel = "torch"
@@ -304,7 +305,6 @@ class QuantLinear(nn.Module):
             or p.dtype != first.dtype
             or (p.bias is None) != (first.bias is None)
             or p.kernel != first.kernel
-            or p.scales_zeros.shape[0] != first.scales_zeros.shape[0]
             or (p.kind == "int4" and len(p.packed) != len(first.packed))
             for p in parts
         ):
