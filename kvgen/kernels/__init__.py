@@ -89,8 +89,10 @@ def load(name: str) -> str | None:
     except Exception as e:  # no compiler, a compile error: torch's kernel stays
         lines = str(e).strip().splitlines()
         why = f"it could not be built ({type(e).__name__}{': ' + lines[-1] if lines else ''}; {failed} holds this)"
-        try:
-            failed.write_text(why)
+        try:  # under a temporary name, then renamed: never a half-written reason
+            partial = failed.with_suffix(".failed-partial")
+            partial.write_text(why)
+            os.replace(partial, failed)
         except OSError:
             pass
         return why
