@@ -806,6 +806,13 @@ needs_int4 = pytest.mark.skipif(
 )
 
 
+# kvgen's own int4 kernel needs AVX-512 BF16 and VBMI (kvgen.kernels): on other CPUs, nothing to test.
+NO_KVGEN_KERNEL = kernels.load("int4_mm") if int4_available() else "torch has no CPU int4 layout to share"
+needs_kvgen_kernel = pytest.mark.skipif(
+    NO_KVGEN_KERNEL is not None, reason=f"kvgen's int4 kernel is not here: {NO_KVGEN_KERNEL}"
+)
+
+
 def quantized_weight(qtype: str, rows: int = 64, cols: int = 512, seed: int = 3, dtype=torch.float32):
     """A random GGUF weight of `qtype` -> (its QuantLinear, gguf's own float32 dequantization)."""
     qt = Q[qtype]
@@ -938,7 +945,7 @@ def test_quantized_path_gives_the_float32_reference_tokens(arch, sources, cache,
 
 
 @needs_int4
-@pytest.mark.parametrize("kernel", ["torch", "kvgen"])
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("kvgen", marks=needs_kvgen_kernel)])
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path, cache_kind, kernel):
     """kvgen's default on a fast CPU: bfloat16 over the quantized weights, on torch's int4 kernel or
@@ -946,8 +953,6 @@ def test_bfloat16_quantized_batch_rows_decode_as_alone(sources, cache, tmp_path,
     (`prefill_rows`), the decode kernels compute each row the same way whatever the batch, and each
     row attends over its own slots only. Prompts of unlike lengths (left padding), short and long
     enough for the prompt products (> 8 positions)."""
-    if kernel == "kvgen" and (why := kernels.load("int4_mm")) is not None:
-        pytest.skip(f"kvgen's int4 kernel is not here: {why}")
     path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf", Q.Q4_K, types=MIXED)
     lm = kvgen.load(path, dtype="bfloat16", quantize="int4")
     quant.use_kernel(lm.model, kernel)
@@ -1044,12 +1049,10 @@ def test_llama_cpp_logits_go_through_the_same_measurement(sources, cache, tmp_pa
     assert shifted.mean_kld > 100 * quality.mean_kld + 1e-3  # the measurement can tell
 
 
-@needs_int4
+@needs_kvgen_kernel
 def test_either_int4_kernel_gives_the_same_greedy_tokens(sources, cache, tmp_path):
     """kvgen's own int4 kernel, where this CPU builds it, against torch's on one bfloat16 model: the
     same values up to their rounding (both sum in float32), so the same greedy tokens."""
-    if (why := kernels.load("int4_mm")) is not None:
-        pytest.skip(f"kvgen's int4 kernel is not here: {why}")
     path = write_gguf(sources("llama", "wide", scale=1.0), tmp_path / "m.gguf", Q.Q4_K, types=MIXED)
     lm = kvgen.load(path, dtype="bfloat16", quantize="int4")
     ids = sample_ids(sources("llama", "wide", scale=1.0))
