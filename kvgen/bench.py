@@ -168,6 +168,8 @@ def load_kvgen(spec: dict) -> tuple[Generate, int, str]:
     kernels = {m.kernel for m in lm.model.modules() if isinstance(m, QuantLinear) and m.kind == "int4"}
     if kernels == {"kvgen"}:
         quantized += ", kvgen's int4 kernel"
+    if lm.runner.compiled == "compiled layers":
+        quantized += ", compiled layers"
     weights = spec["dtype"] + (f", {quantized}" if quantized else "")
     return generate, weight_bytes_per_token(lm.model), weights
 

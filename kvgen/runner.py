@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fast, graphs
+from . import compiled, fast, graphs
 from .cache import LayerCache
 from .generate import Decode, plain_decoder
 from .loading import release_file_pages, return_freed_memory, save_tensors, weight_files
@@ -32,8 +32,9 @@ QUANTIZE = ("auto", "none", *KINDS)
 class Runner:
     """Builds a model's decode step for the loop: plain, or replayed as a CUDA graph."""
 
-    def __init__(self, quantized: str | None = None) -> None:
+    def __init__(self, quantized: str | None = None, compiled: str = "not compiled") -> None:
         self.quantized = quantized  # "gguf", "int4", "int8" or None: what the weights are
+        self.compiled = compiled  # whether the layers' pure steps run compiled (`kvgen.compiled`), or why not
 
     def decoder(self, model: nn.Module, cache: list[LayerCache], batch: int) -> Decode:
         """The decode step over `cache` for `batch` rows, as `generate.generate_tokens` calls it."""
@@ -103,4 +104,4 @@ def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.de
         release_file_pages(use_kernel(model, int4_kernel(dtype, device)))
     fast.speed_up(model, pack_weights=packing_pays(dtype, device))
     return_freed_memory()  # the scratch copies that fusing and packing freed
-    return Runner(quantized)
+    return Runner(quantized, compiled.speed_up(model))

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from kvgen.testing import build_gpt2  # noqa: E402
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that
 # wait on a busy core make each step many times slower. One thread also makes runs repeatable.
 torch.set_num_threads(1)
+# Compiling a model's layers takes seconds per layer shape and the suite loads dozens of shapes:
+# the layers run as written, here and in the processes tests start, except in test_compiled.py.
+os.environ["KVGEN_COMPILE"] = "off"
 
 
 @pytest.fixture(scope="session")

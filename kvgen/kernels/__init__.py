@@ -65,6 +65,18 @@ def _build(name: str, cflags: list[str], target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _int4_mm_shape(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[1])  # (M, K) times (terms, N, K/2) nibbles -> (M, N)
+
+
+# Each kernel's output shape and dtype for its inputs: what tracing (`kvgen.compiled`) needs of an op.
+SHAPES = {"int4_mm": _int4_mm_shape}
+
+
+def _describe(name: str) -> None:
+    torch.library.register_fake(f"kvgen::{name}")(SHAPES[name])
+
+
 @functools.cache
 def load(name: str) -> str | None:
     """Make torch.ops.kvgen.<name> callable: None when it is, else why it cannot be."""
@@ -80,12 +92,12 @@ def load(name: str) -> str | None:
         return failed.read_text()
     try:
         torch.ops.load_library(str(target))
-        return None
+        return _describe(name)
     except OSError:  # not built yet, or damaged: built (again)
         target.unlink(missing_ok=True)
     try:
         _build(name, cflags, target)
-        return None
+        return _describe(name)
     except Exception as e:  # no compiler, a compile error: torch's kernel stays
         lines = str(e).strip().splitlines()
         why = f"it could not be built ({type(e).__name__}{': ' + lines[-1] if lines else ''}; {failed} holds this)"

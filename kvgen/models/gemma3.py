@@ -15,11 +15,13 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Gemma3Config
+from . import layers
 from .layers import (
     activation,
     attention,
     attention_mask,
     embedding,
+    merge_heads,
     project,
     rope_and_cache,
     rope_cos_sin,
@@ -61,18 +63,27 @@ class Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar**-0.5
         self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
 
-    def forward(
-        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
-    ) -> Tensor:
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         q, k, v = (
             h.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H | Hkv, T, D)
             for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
         )
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        rope: tuple[Tensor, Tensor],
+        inv_freq: Tensor,
+        cache: LayerCache,
+    ) -> Tensor:
+        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
         q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
-        y = attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
 
 
 class MLP(nn.Module):
@@ -91,10 +102,11 @@ class MLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class Block(nn.Module):
+class Block(layers.Block):
     def __init__(self, config: Gemma3Config, layer_idx: int) -> None:
         super().__init__()
         eps = config.rms_norm_eps
+        self.width = config.hidden_size
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
@@ -102,12 +114,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.self_attn.heads(self.input_layernorm(x))
+
+    def finish(self, x: Tensor, y: Tensor) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn.o_proj(merge_heads(y)))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
     def forward(
         self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
     ) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), positions, rope, inv_freq, cache)
-        x = x + self.post_attention_layernorm(h)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return self.finish(x, self.self_attn(*self.heads(x), positions, rope, inv_freq, cache))
 
 
 class Gemma3(nn.Module):

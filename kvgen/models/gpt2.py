@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import GPT2Config
-from .layers import activation, attention, attention_mask, embedding
+from . import layers
+from .layers import activation, attention, attention_mask, embedding, merge_heads
 
 
 class Attention(nn.Module):
@@ -24,12 +25,16 @@ class Attention(nn.Module):
             self.scale /= layer_idx + 1  # keeps deep models' attention logits from growing with depth
         self.upcast = config.reorder_and_upcast_attn
 
-    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache) -> Tensor:
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        return tuple(
+            self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # 3 x (B, H, T, D)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cache: LayerCache) -> Tensor:
+        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
         k, v, key_positions = cache.update(k, v, positions)  # (B, H, S, D), (B, S)
-        y = attention(q, k, v, attention_mask(positions, key_positions), self.scale, self.upcast)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return attention(q, k, v, attention_mask(positions, key_positions), self.scale, self.upcast)
 
 
 class MLP(nn.Module):
@@ -44,17 +49,24 @@ class MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-class Block(nn.Module):
+class Block(layers.Block):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
+        self.width = config.n_embd
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache) -> Tensor:
-        x = x + self.attn(self.ln_1(x), positions, cache)
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.attn.heads(self.ln_1(x))
+
+    def finish(self, x: Tensor, y: Tensor) -> Tensor:
+        x = x + self.attn.c_proj(merge_heads(y))
         return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache) -> Tensor:
+        return self.finish(x, self.attn(*self.heads(x), positions, cache))
 
 
 class GPT2(nn.Module):

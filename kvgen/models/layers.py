@@ -1,4 +1,5 @@
-"""Pieces every model family shares: the attention mask rule, attention itself, activations."""
+"""Pieces every model family shares: the layer's three steps, the attention mask rule, attention
+itself, activations."""
 
 from __future__ import annotations
 
@@ -9,6 +10,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import storage_dtype
+
+
+class Block(nn.Module):
+    """A transformer layer in three steps: `heads` (norm, then the q, k, v projections), attention
+    over the cache (the layer's `forward` between them), and `finish` (output projection,
+    residuals, MLP). `heads` and `finish` are pure functions of their inputs and the layer's
+    tensors: a runner may swap in compiled versions of them (`kvgen.compiled`), while everything
+    that touches the cache stays as written."""
+
+    width: int  # the hidden size a layer reads and writes
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, width) -> queries, keys, values (B, H | Hkv, T, D), before any rotation."""
+        raise NotImplementedError
+
+    def finish(self, x: Tensor, y: Tensor) -> Tensor:
+        """The layer's input x and its attention's output y (B, H, T, D) -> the layer's output."""
+        raise NotImplementedError
+
+
+def merge_heads(y: Tensor) -> Tensor:
+    """(B, H, T, D) attention output -> (B, T, H * D), the output projection's input."""
+    return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
 
 
 def attention_mask(query_positions: Tensor, key_positions: Tensor, window: int | None = None) -> Tensor:

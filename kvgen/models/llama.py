@@ -13,11 +13,13 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import LlamaConfig
+from . import layers
 from .layers import (
     activation,
     attention,
     attention_mask,
     embedding,
+    merge_heads,
     project,
     rope_and_cache,
     rope_cos_sin,
@@ -76,32 +78,50 @@ class Attention(nn.Module):
         self.qkv: nn.Module | None = None  # q, k and v in one product, built by the fast path
         self.scale = config.head_dim**-0.5
 
-    def forward(
-        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
-    ) -> Tensor:
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
-        q, k, v = (
+        return tuple(
             h.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H | Hkv, T, D)
             for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
         )
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        rope: tuple[Tensor, Tensor],
+        inv_freq: Tensor,
+        cache: LayerCache,
+    ) -> Tensor:
+        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
         q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
-        y = attention(q, k, v, attention_mask(positions, key_positions), self.scale)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return attention(q, k, v, attention_mask(positions, key_positions), self.scale)
 
 
-class Block(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+class Block(layers.Block):
+    """A pre-norm block; Qwen's is the same around its own attention (`kvgen.models.qwen`)."""
+
+    def __init__(self, config, attn: nn.Module | None = None, mlp_bias: bool = False) -> None:  # a Llama or Qwen config
         super().__init__()
+        self.width = config.hidden_size
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config) if attn is None else attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, mlp_bias)
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.self_attn.heads(self.input_layernorm(x))
+
+    def finish(self, x: Tensor, y: Tensor) -> Tensor:
+        x = x + self.self_attn.o_proj(merge_heads(y))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(
         self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, inv_freq, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.finish(x, self.self_attn(*self.heads(x), positions, rope, inv_freq, cache))
 
 
 class Llama(nn.Module):
@@ -115,7 +135,7 @@ class Llama(nn.Module):
         self.model = nn.ModuleDict(
             dict(
                 embed_tokens=embedding(config.vocab_size, config.hidden_size),
-                layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+                layers=nn.ModuleList(Block(config, mlp_bias=config.mlp_bias) for _ in range(config.num_hidden_layers)),
                 norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
             )
         )

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Qwen2Config, Qwen3Config
 from .layers import attention, attention_mask, embedding, project, rope_and_cache, rope_cos_sin
-from .llama import MLP, RMSNorm, build_inv_freq
+from .llama import Block, RMSNorm, build_inv_freq
 from .llama import remap as remap  # same checkpoint names as Llama: drop stale inv_freq, tie the head
 
 
@@ -33,34 +33,26 @@ class Attention(nn.Module):
         self.qkv: nn.Module | None = None  # q, k and v in one product, built by the fast path
         self.scale = config.head_dim**-0.5
 
-    def forward(
-        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
-    ) -> Tensor:
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         q, k, v = (h.view(B, T, -1, self.head_dim) for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj))
-        v = v.transpose(1, 2)  # (B, Hkv, T, D); q and k stay (B, T, H | Hkv, D) for their norms
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over D, each head alone; before RoPE, as Qwen3 trained
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H|Hkv, T, D)
-        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
-        mask = attention_mask(positions, key_positions, self.window)
-        y = attention(q, k, v, mask, self.scale)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class Block(nn.Module):
-    def __init__(self, config: Qwen2Config | Qwen3Config, window: int | None) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, window)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H | Hkv, T, D)
 
     def forward(
-        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], inv_freq: Tensor, cache: LayerCache
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        rope: tuple[Tensor, Tensor],
+        inv_freq: Tensor,
+        cache: LayerCache,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, inv_freq, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
+        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
+        return attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
 
 
 class Qwen2(nn.Module):
@@ -74,7 +66,7 @@ class Qwen2(nn.Module):
         self.model = nn.ModuleDict(
             dict(
                 embed_tokens=embedding(config.vocab_size, config.hidden_size),
-                layers=nn.ModuleList(Block(config, window) for window in config.layer_windows),
+                layers=nn.ModuleList(Block(config, Attention(config, window)) for window in config.layer_windows),
                 norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
             )
         )

@@ -1,0 +1,299 @@
+"""A decode step's pure parts, compiled ahead of time for this machine, kept and reused.
+
+The weight products of a decode step run at memory speed (`kvgen.quant`, `kvgen.kernels`); what
+else a step costs is a hundred small ops (norms, residual adds, activations, reshapes), each a
+kernel call with Python around it: on two cores, as much again as the products (docs/speed.md).
+AOTInductor compiles a layer's two pure steps, `heads` and `finish` (`models.layers.Block`), into
+one C++ function each that takes the layer's tensors as arguments, so one library serves every
+layer of a shape, at any batch size. It is built once per layer shape, torch, kvgen source and
+processor (seconds per library, announced), kept in the kvgen cache and loaded by later processes
+in milliseconds. Attention and the cache stay as written: a row's numbers do not depend on what
+else is in its batch, and a step of several positions (a prompt, speculative verification) runs
+the layers as written.
+
+The compiled parts are kept only where they are faster: at build time they are timed against the
+eager ones and the verdict is kept beside them. A library that fails to load, or disagrees with
+the eager layer when loaded, is rebuilt; where none can be built (no compiler, a layer export
+cannot trace), that is recorded once and the layers stay eager. `KVGEN_COMPILE=off` skips all of
+it; `KVGEN_COMPILE=on` uses the compiled parts even where they were measured slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .loading.convert import cache_root
+from .loading.dtype import cpu_name_and_flags
+from .models.layers import Block
+
+PARTS = ("heads", "finish")
+MAX_ROWS = 256  # batch sizes a library takes; a larger batch runs the layers as written
+EXAMPLE_ROWS = 2  # export treats a dimension of 1 as fixed: the example batch has two rows
+# Where this module compiles nothing: its own source and the code it traces are part of every key.
+SOURCES = ("compiled.py", "quant.py", "fast.py", "models/layers.py")
+
+
+def speed_up(model: nn.Module) -> str:
+    """Swap compiled `heads` and `finish` into `model`'s layers where that was measured faster on
+    this machine; returns what was done: "compiled layers", or why the layers stay as written."""
+    setting = os.environ.get("KVGEN_COMPILE", "auto").lower()
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if setting in ("0", "off", "no"):
+        return "not compiled (KVGEN_COMPILE=off)"
+    if not blocks or next(model.parameters()).device.type != "cpu":
+        return "not compiled (CPU models only)"
+    kernels.load("int4_mm")  # its op, where this CPU has it, must exist before a layer is traced
+    folder = cache_root() / "compiled" / _key(blocks)
+    verdict = _read_json(folder / "verdict.json")
+    if verdict is not None and not verdict["use"] and (setting != "on" or "cannot" in verdict):
+        return f"not compiled ({verdict['why']})"
+    try:
+        parts = _libraries(blocks, folder)
+    except Exception as e:  # no compiler, an op export cannot trace: recorded, not retried
+        why = f"cannot compile: {type(e).__name__}: {_first_line(e)}"
+        _write_json(folder / "verdict.json", {"use": False, "cannot": True, "why": why})
+        return f"not compiled ({why})"
+    if verdict is None:
+        eager_s, compiled_s = _time_layers(blocks, parts)
+        verdict = {"use": compiled_s < eager_s, "eager_ms": eager_s * 1e3, "compiled_ms": compiled_s * 1e3}
+        verdict["why"] = f"slower here: {compiled_s * 1e3:.2f} against {eager_s * 1e3:.2f} ms a step's layers"
+        _write_json(folder / "verdict.json", verdict)
+    if not verdict["use"] and setting != "on":
+        return f"not compiled ({verdict['why']})"
+    for block in blocks:
+        for part in PARTS:
+            setattr(block, part, CompiledPart(parts[_signature(block), part], _tensors(block), getattr(block, part)))
+    return "compiled layers"
+
+
+class CompiledPart:
+    """One of a layer's pure steps as a compiled library called with the layer's own tensors.
+
+    Steps of one position per row take the library; any other (a prompt's many positions) takes
+    the layer's own method, which the library was compiled from."""
+
+    def __init__(self, library, tensors: list[Tensor], eager) -> None:
+        self.library, self.tensors, self.eager = library, tensors, eager
+
+    def __call__(self, x: Tensor, *rest: Tensor):
+        if x.shape[1] != 1 or x.shape[0] > MAX_ROWS:
+            return self.eager(x, *rest)
+        out = self.library.run([*self.tensors, x.contiguous(), *(t.contiguous() for t in rest)])
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def _named(block: Block) -> dict[str, Tensor]:
+    return {**dict(block.named_parameters()), **dict(block.named_buffers())}
+
+
+def _names(block: Block) -> list[str]:
+    return sorted(_named(block))
+
+
+def _tensors(block: Block) -> list[Tensor]:
+    """The layer's parameters and buffers, in the order its libraries take them."""
+    named = _named(block)
+    return [named[name] for name in sorted(named)]
+
+
+def _signature(block: Block) -> str:
+    """What a library compiled from `block` depends on: its class, its tensors' names, shapes and
+    dtypes, and every plain setting of its modules (norm epsilons, kernel choices, sizes)."""
+    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in sorted(_named(block).items())]
+    settings = [
+        (name, key, repr(value))
+        for name, module in block.named_modules()
+        for key, value in sorted(vars(module).items())
+        if isinstance(value, (bool, int, float, str, tuple, type(None))) and key != "training"
+    ]
+    text = repr((type(block).__qualname__, block.width, tensors, settings))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _key(blocks: list[Block]) -> str:
+    """The folder of a model's libraries: its layers' signatures, the code, torch and processor."""
+    here = Path(__file__).parent
+    sources = {here / name for name in SOURCES} | {Path(inspect.getfile(type(b))) for b in blocks}
+    cpu, flags = cpu_name_and_flags()
+    parts = [p.read_bytes() for p in sorted(sources)] + [torch.__version__.encode(), cpu.encode()]
+    parts += [f.encode() for f in sorted(flags)] + sorted({_signature(b).encode() for b in blocks})
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def _libraries(blocks: list[Block], folder: Path) -> dict[tuple[str, str], object]:
+    """(signature, part) -> a loaded library for each kind of layer in `blocks`: loaded from
+    `folder`, or built into it where missing, damaged or wrong."""
+    kinds = {_signature(b): b for b in reversed(blocks)}  # the first layer of each kind
+    todo = [(sig, part) for sig in kinds for part in PARTS]
+    libraries, built = {}, 0
+    for sig, part in todo:
+        path = folder / f"{part}-{sig}.pt2"
+        library = _load_checked(path, kinds[sig], part)
+        if library is None:
+            built += 1
+            print(
+                f"compiling a decode step's {part} for this CPU ({built}/{len(todo)} at most, once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            _build(kinds[sig], part, path)
+            library = _load_checked(path, kinds[sig], part)
+            if library is None:
+                raise RuntimeError(f"{path.name} disagrees with the layer it was compiled from")
+        libraries[sig, part] = library
+    for stale in folder.parent.iterdir() if built else ():  # libraries of an older source, torch or CPU
+        if stale != folder and stale.is_dir():
+            for f in stale.iterdir():
+                f.unlink(missing_ok=True)
+            stale.rmdir()
+    return libraries
+
+
+def _example(block: Block, part: str, rows: int) -> tuple[Tensor, ...]:
+    """Inputs for `part` of `block`, `rows` rows of one position, values of a layer's scale."""
+    weight = next(block.parameters())
+    x = torch.randn(rows, 1, block.width, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    if part == "heads":
+        return (x,)
+    q, _, _ = block.heads(x)
+    return x, torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+
+
+class _Step(nn.Module):
+    """A layer whose forward is one of its pure steps (the class's own, never a compiled one)."""
+
+    def __init__(self, block: Block, part: str) -> None:
+        super().__init__()
+        self.layer, self.part = block, part
+
+    def forward(self, *inputs: Tensor):
+        return getattr(type(self.layer), self.part)(self.layer, *inputs)
+
+
+class _Traced(nn.Module):
+    """What export traces: one pure step of a layer, with the layer's tensors as arguments."""
+
+    def __init__(self, block: Block, part: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "step", _Step(block, part))  # not a submodule: no tensor becomes a constant
+        self.names = ["layer." + name for name in _names(block)]
+
+    def forward(self, tensors: list[Tensor], *inputs: Tensor):
+        return torch.func.functional_call(self.step, dict(zip(self.names, tensors)), inputs, tie_weights=False)
+
+
+def _build(block: Block, part: str, path: Path) -> None:
+    """Export `part` of `block` with its tensors as arguments and a dynamic batch, compile it with
+    AOTInductor, and move the package into place (never a half-written one where a process looks)."""
+    import torch._inductor  # about a second to import: only when something is built
+
+    inputs, tensors = _example(block, part, EXAMPLE_ROWS), _tensors(block)
+    rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export: not the user's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        program = torch.export.export(
+            _Traced(block, part),
+            (tensors, *inputs),
+            dynamic_shapes=([None] * len(tensors), tuple({0: rows} for _ in inputs)),  # forward's *inputs: one tuple
+            strict=False,
+        )
+        if program.constants or program.state_dict:  # one layer's tensor baked in would serve every layer
+            raise ValueError(f"{type(block).__qualname__}.{part} reads tensors that are not its parameters or buffers")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            built = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(scratch) / path.name))
+            os.replace(built, path)
+
+
+def _load(path: Path):
+    """A compiled package, through torch's loader directly: `torch._inductor.aoti_load_package`
+    would first import the compiler (a second) to wrap the same object."""
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+
+def _load_checked(path: Path, block: Block, part: str):
+    """The library at `path` if it loads and computes what `block` does; else None (it is removed)."""
+    if not path.is_file():
+        return None
+    try:
+        library = _load(path)
+        inputs = _example(block, part, 1)
+        with torch.inference_mode():
+            got = library.run([*_tensors(block), *inputs])
+            want = getattr(type(block), part)(block, *inputs)
+        want = want if isinstance(want, tuple) else (want,)
+        if len(got) == len(want) and all(_close(g, w) for g, w in zip(got, want)):
+            return library
+    except Exception:  # damaged, or built by another torch: built again
+        pass
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _close(got: Tensor, want: Tensor) -> bool:
+    """Equal up to the rounding of the dtype: compiled code fuses, and so rounds, differently."""
+    tolerance = 1e-4 if want.dtype == torch.float32 else 3e-2
+    scale = want.float().abs().max().clamp(min=1e-6)
+    return got.shape == want.shape and bool(((got.float() - want.float()).abs().max() / scale) <= tolerance)
+
+
+def _time_layers(blocks: list[Block], parts: dict) -> tuple[float, float]:
+    """Seconds for one decode step's `heads` and `finish` over every layer, eager and compiled,
+    best of alternating rounds."""
+    inputs = {id(b): (_example(b, "heads", 1), _example(b, "finish", 1)) for b in blocks}
+
+    def eager() -> None:
+        for b in blocks:
+            b.heads(*inputs[id(b)][0])
+            b.finish(*inputs[id(b)][1])
+
+    runs = [(_tensors(b), parts[_signature(b), "heads"], parts[_signature(b), "finish"], inputs[id(b)]) for b in blocks]
+
+    def compiled() -> None:
+        for tensors, heads, finish, (heads_inputs, finish_inputs) in runs:
+            heads.run([*tensors, *heads_inputs])
+            finish.run([*tensors, *finish_inputs])
+
+    best = {eager: float("inf"), compiled: float("inf")}
+    with torch.inference_mode():
+        for _ in range(5):
+            for run in best:
+                start = time.perf_counter()
+                run()
+                best[run] = min(best[run], time.perf_counter() - start)
+    return best[eager], best[compiled]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Under a temporary name, then renamed; a cache that cannot be written only means measuring again."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(data, indent=1))
+        os.replace(partial, path)
+    except OSError:
+        pass
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
