@@ -199,7 +199,7 @@ def _build(block: Block, part: str, path: Path) -> None:
     AOTInductor, and move the package into place (never a half-written one where a process looks)."""
     import torch._inductor  # about a second to import: only when something is built
 
-    inputs, tensors = _example(block, part, EXAMPLE_ROWS), _tensors(block)
+    inputs, tensors = _example(block, part, EXAMPLE_ROWS), [t.detach() for t in _tensors(block)]  # no autograd
     rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export: not the user's
