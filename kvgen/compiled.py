@@ -56,22 +56,20 @@ def speed_up(model: nn.Module) -> str:
         return "not compiled (CPU models only)"
     kernels.load("int4_mm")  # its op, where this CPU has it, must exist before a layer is traced
     folder = cache_root() / "compiled" / _key(blocks)
-    verdict = _read_json(folder / "verdict.json")
-    if verdict is not None and not verdict["use"] and (setting != "on" or "cannot" in verdict):
-        return f"not compiled ({verdict['why']})"
+    verdict = _read_json(folder / "verdict.json") or {}
+    if verdict.get("cannot") or (verdict.get("slower") and setting != "on"):
+        return f"not compiled ({verdict.get('cannot') or verdict['slower']})"
     try:
         parts = _libraries(blocks, folder)
     except Exception as e:  # no compiler, an op export cannot trace: recorded, not retried
-        why = f"cannot compile: {type(e).__name__}: {_first_line(e)}"
-        _write_json(folder / "verdict.json", {"use": False, "cannot": True, "why": why})
-        return f"not compiled ({why})"
-    if verdict is None:
-        eager_s, compiled_s = _time_layers(blocks, parts)
-        verdict = {"use": compiled_s < eager_s, "eager_ms": eager_s * 1e3, "compiled_ms": compiled_s * 1e3}
-        verdict["why"] = f"slower here: {compiled_s * 1e3:.2f} against {eager_s * 1e3:.2f} ms a step's layers"
+        verdict = {"cannot": f"cannot compile: {type(e).__name__}: {_first_line(e)}"}
         _write_json(folder / "verdict.json", verdict)
-    if not verdict["use"] and setting != "on":
-        return f"not compiled ({verdict['why']})"
+        return f"not compiled ({verdict['cannot']})"
+    if not verdict:
+        verdict = _measure(blocks, parts)
+        _write_json(folder / "verdict.json", verdict)
+    if verdict["slower"] and setting != "on":
+        return f"not compiled ({verdict['slower']})"
     for block in blocks:
         for part in PARTS:
             setattr(block, part, CompiledPart(parts[_signature(block), part], _tensors(block), getattr(block, part)))
@@ -250,6 +248,17 @@ def _close(got: Tensor, want: Tensor) -> bool:
     return got.shape == want.shape and bool(((got.float() - want.float()).abs().max() / scale) <= tolerance)
 
 
+def _measure(blocks: list[Block], parts: dict) -> dict:
+    """The verdict kept beside the libraries: both timings, and why not, where they are slower."""
+    eager_s, compiled_s = _time_layers(blocks, parts)
+    slower = f"slower here: {compiled_s * 1e3:.2f} against {eager_s * 1e3:.2f} ms a step's layers"
+    return {
+        "eager_ms": eager_s * 1e3,
+        "compiled_ms": compiled_s * 1e3,
+        "slower": slower if compiled_s >= eager_s else None,
+    }
+
+
 def _time_layers(blocks: list[Block], parts: dict) -> tuple[float, float]:
     """Seconds for one decode step's `heads` and `finish` over every layer, eager and compiled,
     best of alternating rounds."""
@@ -279,9 +288,10 @@ def _time_layers(blocks: list[Block], parts: dict) -> tuple[float, float]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -126,9 +126,7 @@ def rowwise_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     and cut to its own visible span, a row computes the same bits whatever the batch and the
     cache. One call per row costs little beside a decode step's weight products (docs/server.md).
     """
-    visible = mask.any(dim=2)[:, 0]  # (B, S): slots some query of the row may see
-    first = visible.int().argmax(dim=1).tolist()
-    end = (visible.shape[1] - visible.flip(1).int().argmax(dim=1)).tolist()
+    first, end = _spans(mask)
     if len(first) == 1 and first[0] == 0 and end[0] == k.shape[2]:
         return _attend(q, k, v, mask, scale, grouped)  # one row, every slot in its span: nothing to cut
     rows = [
@@ -136,6 +134,22 @@ def rowwise_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
         for b, (s, e) in enumerate(zip(first, end))
     ]
     return torch.cat(rows)
+
+
+def _spans(mask: Tensor) -> tuple[list[int], list[int]]:
+    """Each row's first and last-plus-one visible slot. Every layer of a step is handed the same
+    mask object (`attention_mask`), so the last one's spans are kept: reading them back from the
+    tensor costs a few small ops and a host sync per layer."""
+    if _last_spans and _last_spans[0] is mask:
+        return _last_spans[1]
+    visible = mask.any(dim=2)[:, 0]  # (B, S): slots some query of the row may see
+    first = visible.int().argmax(dim=1).tolist()
+    end = (visible.shape[1] - visible.flip(1).int().argmax(dim=1)).tolist()
+    _last_spans[:] = [mask, (first, end)]
+    return first, end
+
+
+_last_spans: list = []  # [mask, its spans]: the mask is held, so its id cannot be reused meanwhile
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
