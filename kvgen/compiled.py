@@ -55,7 +55,7 @@ def speed_up(model: nn.Module) -> str:
     if not blocks or next(model.parameters()).device.type != "cpu":
         return "not compiled (CPU models only)"
     kernels.load("int4_mm")  # its op, where this CPU has it, must exist before a layer is traced
-    folder = cache_root() / "compiled" / _key(blocks)
+    folder = _folder(blocks)
     verdict = _read_json(folder / "verdict.json") or {}
     if verdict.get("cannot") or (verdict.get("slower") and setting != "on"):
         return f"not compiled ({verdict.get('cannot') or verdict['slower']})"
@@ -120,13 +120,19 @@ def _signature(block: Block) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _key(blocks: list[Block]) -> str:
-    """The folder of a model's libraries: its layers' signatures, the code, torch and processor."""
+def _folder(blocks: list[Block]) -> Path:
+    """Where a model's libraries live: by its layers' signatures, then by what built them (the
+    code, torch and the processor). A new build prunes the older builds beside it."""
     here = Path(__file__).parent
     sources = {here / name for name in SOURCES} | {Path(inspect.getfile(type(b))) for b in blocks}
     cpu, flags = cpu_name_and_flags()
-    parts = [p.read_bytes() for p in sorted(sources)] + [torch.__version__.encode(), cpu.encode()]
-    parts += [f.encode() for f in sorted(flags)] + sorted({_signature(b).encode() for b in blocks})
+    build = [p.read_bytes() for p in sorted(sources)] + [torch.__version__.encode(), cpu.encode()]
+    build += [f.encode() for f in sorted(flags)]
+    model = sorted({_signature(b).encode() for b in blocks})
+    return cache_root() / "compiled" / _hash(model) / _hash(build)
+
+
+def _hash(parts: list[bytes]) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
@@ -151,7 +157,7 @@ def _libraries(blocks: list[Block], folder: Path) -> dict[tuple[str, str], objec
             if library is None:
                 raise RuntimeError(f"{path.name} disagrees with the layer it was compiled from")
         libraries[sig, part] = library
-    for stale in folder.parent.iterdir() if built else ():  # libraries of an older source, torch or CPU
+    for stale in folder.parent.iterdir() if built else ():  # this model's libraries by an older build
         if stale != folder and stale.is_dir():
             for f in stale.iterdir():
                 f.unlink(missing_ok=True)

@@ -110,14 +110,20 @@ def test_a_second_process_loads_the_kept_libraries_without_compiling(env):
     assert libraries(cache) == before
 
 
-def test_a_damaged_library_is_rebuilt(env, capfd):
+def test_a_damaged_library_is_rebuilt_and_stale_ones_pruned(env, capfd):
     folder, cache = env
     damaged = sorted(libraries(cache))[0]
     damaged.write_bytes(b"not a package" * 100)
+    stale = damaged.parent.parent / "an-older-torch" / "heads-0.pt2"  # this model's, an older build's
+    other = cache / "compiled" / "another-model" / "a-build" / "heads-0.pt2"
+    for path in (stale, other):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"old")
     lm = load(folder)
     assert lm.runner.compiled == "compiled layers"
     assert capfd.readouterr().err.count("compiling a decode step's") == 1  # that library alone
     assert damaged.stat().st_size > 10_000
+    assert not stale.parent.exists() and other.exists()
     ids = lm.encode(TEXTS[0])
     assert torch.equal(greedy(lm, [ids]), greedy(load(folder), [ids]))
 
@@ -158,6 +164,18 @@ def test_a_build_that_fails_is_recorded_once(env, monkeypatch, tmp_path):
     assert len(calls) == 1
     ids = lm.encode(TEXTS[0])
     assert len(greedy(lm, [ids])[0]) == 16  # the layers as written still run
+
+
+def test_a_new_torch_or_processor_gets_its_own_libraries(env, monkeypatch):
+    blocks = [m for m in load(env[0]).model.modules() if isinstance(m, Block)]
+    folder = compiled._folder(blocks)
+    with monkeypatch.context() as patch:
+        patch.setattr(compiled.torch, "__version__", "9.9.9")
+        assert compiled._folder(blocks).parent == folder.parent and compiled._folder(blocks) != folder
+    with monkeypatch.context() as patch:
+        patch.setattr(compiled, "cpu_name_and_flags", lambda: ("another CPU", {"avx2"}))
+        assert compiled._folder(blocks).parent == folder.parent and compiled._folder(blocks) != folder
+    assert compiled._folder(blocks) == folder
 
 
 class StrayTensor(Block):
