@@ -20,6 +20,7 @@ it; `KVGEN_COMPILE=on` uses the compiled parts even where they were measured slo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -137,26 +138,34 @@ def _hash(parts: list[bytes]) -> str:
 
 
 def _libraries(blocks: list[Block], folder: Path) -> dict[tuple[str, str], object]:
-    """(signature, part) -> a loaded library for each kind of layer in `blocks`: loaded from
-    `folder`, or built into it where missing, damaged or wrong."""
+    """(signature, part) -> a loaded library for each kind of layer in `blocks`, checked against
+    that kind's first layer. Libraries are named by the program they compile, so kinds of layer
+    whose steps trace alike (Gemma's sliding and global layers) share one; `index.json` says
+    which kind takes which, so a later load neither traces nor compiles."""
     kinds = {_signature(b): b for b in reversed(blocks)}  # the first layer of each kind
-    todo = [(sig, part) for sig in kinds for part in PARTS]
-    libraries, built = {}, 0
-    for sig, part in todo:
-        path = folder / f"{part}-{sig}.pt2"
-        library = _load_checked(path, kinds[sig], part)
-        if library is None:
-            built += 1
-            print(
-                f"compiling a decode step's {part} for this CPU ({built}/{len(todo)} at most, once)",
-                file=sys.stderr,
-                flush=True,
-            )
-            _build(kinds[sig], part, path)
-            library = _load_checked(path, kinds[sig], part)
+    index = _read_json(folder / "index.json") or {}
+    libraries, loaded, built = {}, {}, 0
+    for sig, block in kinds.items():
+        for part in PARTS:
+            name = index.get(f"{part}-{sig}")
+            library = _load_checked(folder / name, block, part, loaded) if name else None
             if library is None:
-                raise RuntimeError(f"{path.name} disagrees with the layer it was compiled from")
-        libraries[sig, part] = library
+                program = _export(block, part)
+                name = index[f"{part}-{sig}"] = f"{part}-{_program_key(program)}.pt2"
+                library = _load_checked(folder / name, block, part, loaded)
+            if library is None:
+                built += 1
+                print(
+                    f"compiling a decode step's {part} for this CPU (library {built}, once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                _compile(program, folder / name)
+                library = _load_checked(folder / name, block, part, loaded)
+                if library is None:
+                    raise RuntimeError(f"{name} disagrees with the layer it was compiled from")
+            libraries[sig, part] = loaded[name] = library
+    _write_json(folder / "index.json", index)
     for stale in folder.parent.iterdir() if built else ():  # this model's libraries by an older build
         if stale != folder and stale.is_dir():
             for f in stale.iterdir():
@@ -198,28 +207,50 @@ class _Traced(nn.Module):
         return torch.func.functional_call(self.step, dict(zip(self.names, tensors)), inputs, tie_weights=False)
 
 
-def _build(block: Block, part: str, path: Path) -> None:
-    """Export `part` of `block` with its tensors as arguments and a dynamic batch, compile it with
-    AOTInductor, and move the package into place (never a half-written one where a process looks)."""
-    import torch._inductor  # about a second to import: only when something is built
+@contextlib.contextmanager
+def _tracing():
+    """Where export and AOTInductor run: no autograd, and torch's own deprecation warnings, raised
+    inside them, kept from the user."""
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
+
+def _export(block: Block, part: str) -> torch.export.ExportedProgram:
+    """`part` of `block` as a graph whose arguments are the layer's tensors and its inputs, with a
+    dynamic batch."""
     inputs, tensors = _example(block, part, EXAMPLE_ROWS), [t.detach() for t in _tensors(block)]  # no autograd
     rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export: not the user's
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with _tracing():
         program = torch.export.export(
             _Traced(block, part),
             (tensors, *inputs),
             dynamic_shapes=([None] * len(tensors), tuple({0: rows} for _ in inputs)),  # forward's *inputs: one tuple
             strict=False,
         )
-        if program.constants or program.state_dict:  # one layer's tensor baked in would serve every layer
-            raise ValueError(f"{type(block).__qualname__}.{part} reads tensors that are not its parameters or buffers")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            built = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(scratch) / path.name))
-            os.replace(built, path)
+    if program.constants or program.state_dict:  # one layer's tensor baked in would serve every layer
+        raise ValueError(f"{type(block).__qualname__}.{part} reads tensors that are not its parameters or buffers")
+    return program
+
+
+def _program_key(program: torch.export.ExportedProgram) -> str:
+    """A name for what a program computes: its code and its arguments' shapes and dtypes."""
+    args = [
+        (tuple(n.meta["val"].shape), str(n.meta["val"].dtype)) for n in program.graph.nodes if n.op == "placeholder"
+    ]
+    return _hash([program.graph_module.code.encode(), repr(args).encode()])
+
+
+def _compile(program: torch.export.ExportedProgram, path: Path) -> None:
+    """AOTInductor's package of `program`, moved into place (never a half-written one where a
+    process looks)."""
+    import torch._inductor  # about a second to import: only when something is built
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _tracing(), tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        built = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(scratch) / path.name))
+        os.replace(built, path)
 
 
 def _load(path: Path):
@@ -228,12 +259,13 @@ def _load(path: Path):
     return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
 
-def _load_checked(path: Path, block: Block, part: str):
-    """The library at `path` if it loads and computes what `block` does; else None (it is removed)."""
-    if not path.is_file():
+def _load_checked(path: Path, block: Block, part: str, loaded: dict):
+    """The library at `path` (from `loaded`, by name, if this load has it already) if it loads and
+    computes what `block` does; else None, and a damaged or wrong file is removed."""
+    if path.name not in loaded and not path.is_file():
         return None
     try:
-        library = _load(path)
+        library = loaded.get(path.name) or _load(path)
         inputs = _example(block, part, 1)
         with torch.inference_mode():
             got = library.run([*_tensors(block), *inputs])
