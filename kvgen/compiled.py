@@ -5,9 +5,9 @@ else a step costs is a hundred small ops (norms, residual adds, activations, res
 kernel call with Python around it: on two cores, as much again as the products (docs/speed.md).
 AOTInductor compiles a layer's two pure steps, `heads` and `finish` (`models.layers.Block`), into
 one C++ function each that takes the layer's tensors as arguments, so one library serves every
-layer of a shape, at any batch size. It is built once per layer shape, torch, kvgen source and
-processor (seconds per library, announced), kept in the kvgen cache and loaded by later processes
-in milliseconds. Attention and the cache stay as written: a row's numbers do not depend on what
+layer whose step traces to the same program, at any batch size. They are built once per model,
+torch, kvgen source and processor (seconds per library, announced), kept in the kvgen cache and
+loaded by later processes in milliseconds. Attention and the cache stay as written: a row's numbers do not depend on what
 else is in its batch, and a step of several positions (a prompt, speculative verification) runs
 the layers as written.
 
@@ -42,7 +42,7 @@ from .models.layers import Block
 PARTS = ("heads", "finish")
 MAX_ROWS = 256  # batch sizes a library takes; a larger batch runs the layers as written
 EXAMPLE_ROWS = 2  # export treats a dimension of 1 as fixed: the example batch has two rows
-# Where this module compiles nothing: its own source and the code it traces are part of every key.
+# The kvgen source a traced step runs through, besides the model's own file: part of every build's key.
 SOURCES = ("compiled.py", "quant.py", "fast.py", "models/layers.py")
 
 
@@ -98,13 +98,13 @@ def _named(block: Block) -> dict[str, Tensor]:
 
 
 def _names(block: Block) -> list[str]:
+    """The layer's parameters and buffers by name, in the order its libraries take them."""
     return sorted(_named(block))
 
 
 def _tensors(block: Block) -> list[Tensor]:
-    """The layer's parameters and buffers, in the order its libraries take them."""
     named = _named(block)
-    return [named[name] for name in sorted(named)]
+    return [named[name] for name in _names(block)]
 
 
 def _signature(block: Block) -> str:
@@ -117,8 +117,7 @@ def _signature(block: Block) -> str:
         for key, value in sorted(vars(module).items())
         if isinstance(value, (bool, int, float, str, tuple, type(None))) and key != "training"
     ]
-    text = repr((type(block).__qualname__, block.width, tensors, settings))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _hash([repr((type(block).__qualname__, block.width, tensors, settings)).encode()])[:16]
 
 
 def _folder(blocks: list[Block]) -> Path:
@@ -166,12 +165,18 @@ def _libraries(blocks: list[Block], folder: Path) -> dict[tuple[str, str], objec
                     raise RuntimeError(f"{name} disagrees with the layer it was compiled from")
             libraries[sig, part] = loaded[name] = library
     _write_json(folder / "index.json", index)
-    for stale in folder.parent.iterdir() if built else ():  # this model's libraries by an older build
+    if built:
+        _prune_older_builds(folder)
+    return libraries
+
+
+def _prune_older_builds(folder: Path) -> None:
+    """Remove the libraries that an older kvgen, torch or processor built for this model."""
+    for stale in folder.parent.iterdir():
         if stale != folder and stale.is_dir():
             for f in stale.iterdir():
                 f.unlink(missing_ok=True)
             stale.rmdir()
-    return libraries
 
 
 def _example(block: Block, part: str, rows: int) -> tuple[Tensor, ...]:
@@ -180,7 +185,7 @@ def _example(block: Block, part: str, rows: int) -> tuple[Tensor, ...]:
     x = torch.randn(rows, 1, block.width, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     if part == "heads":
         return (x,)
-    q, _, _ = block.heads(x)
+    q, _, _ = type(block).heads(block, x)  # the class's own: a compiled one may already be in place
     return x, torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
 
 
