@@ -3,9 +3,10 @@
 `prepare` settles the weights' format: a GGUF's quantized matrices stay 4-8-bit on torch's
 weight-only kernels (`kvgen.quant`), or kvgen's own int4 kernel (`kvgen.kernels`), where this
 machine runs those faster than float ones (measured once per processor, `kvgen.loading.dtype`); a
-float checkpoint can be quantized the same way; then
-sibling projections are fused and float weights prepacked where that pays (`kvgen.fast`). The
-`Runner` it returns hands the loop its decode step (`generate.generate_tokens(..., decoder=...)`):
+float checkpoint can be quantized the same way. Then sibling projections are fused and float
+weights prepacked where that pays (`kvgen.fast`), and on a CPU each layer's pure steps run
+compiled for this machine where that was measured faster (`kvgen.compiled`). The `Runner` it
+returns hands the loop its decode step (`generate.generate_tokens(..., decoder=...)`):
 on a GPU with the static cache, one recorded as a CUDA graph and replayed (`kvgen.graphs`).
 """
 

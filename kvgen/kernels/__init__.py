@@ -73,7 +73,7 @@ def _int4_mm_shape(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Te
 SHAPES = {"int4_mm": _int4_mm_shape}
 
 
-def _describe(name: str) -> None:
+def _register_shape(name: str) -> None:
     torch.library.register_fake(f"kvgen::{name}")(SHAPES[name])
 
 
@@ -92,12 +92,14 @@ def load(name: str) -> str | None:
         return failed.read_text()
     try:
         torch.ops.load_library(str(target))
-        return _describe(name)
+        _register_shape(name)
+        return None
     except OSError:  # not built yet, or damaged: built (again)
         target.unlink(missing_ok=True)
     try:
         _build(name, cflags, target)
-        return _describe(name)
+        _register_shape(name)
+        return None
     except Exception as e:  # no compiler, a compile error: torch's kernel stays
         lines = str(e).strip().splitlines()
         why = f"it could not be built ({type(e).__name__}{': ' + lines[-1] if lines else ''}; {failed} holds this)"

@@ -18,12 +18,9 @@ from ..config import Gemma3Config
 from . import layers
 from .layers import (
     activation,
-    attention,
-    attention_mask,
     embedding,
     merge_heads,
     project,
-    rope_and_cache,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -48,7 +45,7 @@ class RMSNorm(nn.Module):
         self.scale = 1.0 + self.weight.float()
 
 
-class Attention(nn.Module):
+class Attention(layers.RotaryAttention):
     def __init__(self, config: Gemma3Config, layer_idx: int) -> None:
         super().__init__()
         self.head_dim = config.head_dim
@@ -70,20 +67,6 @@ class Attention(nn.Module):
             for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
         )
         return self.q_norm(q), self.k_norm(k), v
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        positions: Tensor,
-        rope: tuple[Tensor, Tensor],
-        inv_freq: Tensor,
-        cache: LayerCache,
-    ) -> Tensor:
-        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
-        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
-        return attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
 
 
 class MLP(nn.Module):

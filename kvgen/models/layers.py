@@ -30,6 +30,28 @@ class Block(nn.Module):
         raise NotImplementedError
 
 
+class RotaryAttention(nn.Module):
+    """The attention step of a layer with rotary positions: subclasses make the projections
+    (`heads`) and set `window` (None: every earlier token) and `scale`."""
+
+    window: int | None
+    scale: float
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        rope: tuple[Tensor, Tensor],
+        inv_freq: Tensor,
+        cache,
+    ) -> Tensor:
+        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
+        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
+        return attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
+
+
 def merge_heads(y: Tensor) -> Tensor:
     """(B, H, T, D) attention output -> (B, T, H * D), the output projection's input."""
     return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)

@@ -16,12 +16,9 @@ from ..config import LlamaConfig
 from . import layers
 from .layers import (
     activation,
-    attention,
-    attention_mask,
     embedding,
     merge_heads,
     project,
-    rope_and_cache,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -66,7 +63,7 @@ def build_inv_freq(head_dim: int, rope: dict) -> Tensor:
         return rope_inv_freq(head_dim, rope)
 
 
-class Attention(nn.Module):
+class Attention(layers.RotaryAttention):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.head_dim = config.head_dim
@@ -76,7 +73,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=bias)
         self.qkv: nn.Module | None = None  # q, k and v in one product, built by the fast path
-        self.scale = config.head_dim**-0.5
+        self.scale, self.window = config.head_dim**-0.5, None
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
@@ -84,20 +81,6 @@ class Attention(nn.Module):
             h.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H | Hkv, T, D)
             for h in project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
         )
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        positions: Tensor,
-        rope: tuple[Tensor, Tensor],
-        inv_freq: Tensor,
-        cache: LayerCache,
-    ) -> Tensor:
-        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
-        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
-        return attention(q, k, v, attention_mask(positions, key_positions), self.scale)
 
 
 class Block(layers.Block):

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from ..cache import LayerCache, LayerShape, make_cache
 from ..config import Qwen2Config, Qwen3Config
-from .layers import attention, attention_mask, embedding, project, rope_and_cache, rope_cos_sin
+from .layers import RotaryAttention, embedding, project, rope_cos_sin
 from .llama import Block, RMSNorm, build_inv_freq
 from .llama import remap as remap  # same checkpoint names as Llama: drop stale inv_freq, tie the head
 
 
-class Attention(nn.Module):
+class Attention(RotaryAttention):
     def __init__(self, config: Qwen2Config | Qwen3Config, window: int | None) -> None:
         super().__init__()
         self.head_dim, self.window = config.head_dim, window
@@ -39,20 +39,6 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over D, each head alone; before RoPE, as Qwen3 trained
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H | Hkv, T, D)
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        positions: Tensor,
-        rope: tuple[Tensor, Tensor],
-        inv_freq: Tensor,
-        cache: LayerCache,
-    ) -> Tensor:
-        """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
-        q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
-        return attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
 
 
 class Qwen2(nn.Module):
