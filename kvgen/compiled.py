@@ -73,21 +73,23 @@ def speed_up(model: nn.Module) -> str:
         return f"not compiled ({verdict['slower']})"
     for block in blocks:
         for part in PARTS:
-            setattr(block, part, CompiledPart(parts[_signature(block), part], _tensors(block), getattr(block, part)))
+            library = parts[_signature(block), part]
+            setattr(block, part, CompiledPart(library, _tensors(block), getattr(block, part), _dtype(block)))
     return "compiled layers"
 
 
 class CompiledPart:
     """One of a layer's pure steps as a compiled library called with the layer's own tensors.
 
-    Steps of one position per row take the library; any other (a prompt's many positions) takes
-    the layer's own method, which the library was compiled from."""
+    Steps of one position per row take the library; any other (a prompt's many positions, an input
+    of another dtype than it was compiled for) takes the layer's own method, which the library was
+    compiled from."""
 
-    def __init__(self, library, tensors: list[Tensor], eager) -> None:
-        self.library, self.tensors, self.eager = library, tensors, eager
+    def __init__(self, library, tensors: list[Tensor], eager, dtype: torch.dtype) -> None:
+        self.library, self.tensors, self.eager, self.dtype = library, tensors, eager, dtype
 
     def __call__(self, x: Tensor, *rest: Tensor):
-        if x.shape[1] != 1 or x.shape[0] > MAX_ROWS:
+        if x.shape[1] != 1 or x.shape[0] > MAX_ROWS or x.dtype != self.dtype:
             return self.eager(x, *rest)
         out = self.library.run([*self.tensors, x.contiguous(), *(t.contiguous() for t in rest)])
         return out[0] if len(out) == 1 else tuple(out)
@@ -179,10 +181,14 @@ def _prune_older_builds(folder: Path) -> None:
             stale.rmdir()
 
 
+def _dtype(block: Block) -> torch.dtype:
+    """The dtype of a layer's input: its weights' (the model's) dtype."""
+    return next(block.parameters()).dtype
+
+
 def _example(block: Block, part: str, rows: int) -> tuple[Tensor, ...]:
     """Inputs for `part` of `block`, `rows` rows of one position, values of a layer's scale."""
-    weight = next(block.parameters())
-    x = torch.randn(rows, 1, block.width, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    x = torch.randn(rows, 1, block.width, generator=torch.Generator().manual_seed(0)).to(_dtype(block))
     if part == "heads":
         return (x,)
     q, _, _ = type(block).heads(block, x)  # the class's own: a compiled one may already be in place
