@@ -191,6 +191,9 @@ class StrayTensor(Block):
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(self.proj(x * self.stray).view(x.shape[0], 1, 3, 8).unbind(2))
 
+    def finish(self, x: Tensor, y: Tensor) -> Tensor:
+        return x + y
+
 
 def test_a_layer_reading_a_stray_tensor_is_refused():
     """A compiled library serves every layer of its shape with that layer's own tensors; one that

@@ -3,6 +3,7 @@ itself, activations."""
 
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from ..cache import storage_dtype
 
 
-class Block(nn.Module):
+class Block(nn.Module, metaclass=abc.ABCMeta):
     """A transformer layer in three steps: `heads` (norm, then the q, k, v projections), attention
     over the cache (the layer's `forward` between them), and `finish` (output projection,
     residuals, MLP). `heads` and `finish` are pure functions of their inputs and the layer's
@@ -21,13 +22,13 @@ class Block(nn.Module):
 
     width: int  # the hidden size a layer reads and writes
 
+    @abc.abstractmethod
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, width) -> queries, keys, values (B, H | Hkv, T, D), before any rotation."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(self, x: Tensor, y: Tensor) -> Tensor:
         """The layer's input x and its attention's output y (B, H, T, D) -> the layer's output."""
-        raise NotImplementedError
 
 
 class RotaryAttention(nn.Module):
