@@ -40,6 +40,7 @@ from .loading.dtype import cpu_name_and_flags
 from .models.layers import Block
 
 PARTS = ("heads", "finish")
+SETTINGS = ("auto", "on", "off")  # KVGEN_COMPILE: where measured faster, always, never
 MAX_ROWS = 256  # batch sizes a library takes; a larger batch runs the layers as written
 EXAMPLE_ROWS = 2  # export treats a dimension of 1 as fixed: the example batch has two rows
 # The kvgen source a traced step runs through, besides the model's own file: part of every build's key.
@@ -49,32 +50,36 @@ SOURCES = ("compiled.py", "quant.py", "fast.py", "models/layers.py")
 def speed_up(model: nn.Module) -> str:
     """Swap compiled `heads` and `finish` into `model`'s layers where that was measured faster on
     this machine; returns what was done: "compiled layers", or why the layers stay as written."""
-    setting = os.environ.get("KVGEN_COMPILE", "auto").lower()
+    setting = os.environ.get("KVGEN_COMPILE", "").lower() or "auto"
+    if setting not in SETTINGS:
+        raise ValueError(f"KVGEN_COMPILE={setting!r}: choose one of {', '.join(SETTINGS)}")
     blocks = [m for m in model.modules() if isinstance(m, Block)]
-    if setting in ("0", "off", "no"):
+    if setting == "off":
         return "not compiled (KVGEN_COMPILE=off)"
     if not blocks or next(model.parameters()).device.type != "cpu":
         return "not compiled (CPU models only)"
     kernels.load("int4_mm")  # its op, where this CPU has it, must exist before a layer is traced
-    folder = _folder(blocks)
+    signatures = [_signature(b) for b in blocks]
+    folder = _folder(blocks, signatures)
     verdict = _read_json(folder / "verdict.json") or {}
     if verdict.get("cannot") or (verdict.get("slower") and setting != "on"):
         return f"not compiled ({verdict.get('cannot') or verdict['slower']})"
     try:
-        parts = _libraries(blocks, folder)
+        parts = _libraries(blocks, signatures, folder)
     except Exception as e:  # no compiler, an op export cannot trace: recorded, not retried
-        verdict = {"cannot": f"cannot compile: {type(e).__name__}: {_first_line(e)}"}
+        why = f"{type(e).__name__}: {_first_line(e)}; delete {folder / 'verdict.json'} to try again"
+        verdict = {"cannot": f"cannot compile: {why}"}
         _write_json(folder / "verdict.json", verdict)
         return f"not compiled ({verdict['cannot']})"
+    layers = [(b, _tensors(b), parts[sig, "heads"], parts[sig, "finish"]) for b, sig in zip(blocks, signatures)]
     if not verdict:
-        verdict = _measure(blocks, parts)
+        verdict = _measure(layers)
         _write_json(folder / "verdict.json", verdict)
     if verdict["slower"] and setting != "on":
         return f"not compiled ({verdict['slower']})"
-    for block in blocks:
-        for part in PARTS:
-            library = parts[_signature(block), part]
-            setattr(block, part, CompiledPart(library, _tensors(block), getattr(block, part), _dtype(block)))
+    for block, tensors, heads, finish in layers:
+        block.heads = CompiledPart(heads, tensors, block.heads, _dtype(block))
+        block.finish = CompiledPart(finish, tensors, block.finish, _dtype(block))
     return "compiled layers"
 
 
@@ -122,7 +127,7 @@ def _signature(block: Block) -> str:
     return _hash([repr((type(block).__qualname__, block.width, tensors, settings)).encode()])[:16]
 
 
-def _folder(blocks: list[Block]) -> Path:
+def _folder(blocks: list[Block], signatures: list[str]) -> Path:
     """Where a model's libraries live: by its layers' signatures, then by what built them (the
     code, torch and the processor). A new build prunes the older builds beside it."""
     here = Path(__file__).parent
@@ -130,7 +135,7 @@ def _folder(blocks: list[Block]) -> Path:
     cpu, flags = cpu_name_and_flags()
     build = [p.read_bytes() for p in sorted(sources)] + [torch.__version__.encode(), cpu.encode()]
     build += [f.encode() for f in sorted(flags)]
-    model = sorted({_signature(b).encode() for b in blocks})
+    model = sorted({sig.encode() for sig in signatures})
     return cache_root() / "compiled" / _hash(model) / _hash(build)
 
 
@@ -138,12 +143,12 @@ def _hash(parts: list[bytes]) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
-def _libraries(blocks: list[Block], folder: Path) -> dict[tuple[str, str], object]:
+def _libraries(blocks: list[Block], signatures: list[str], folder: Path) -> dict[tuple[str, str], object]:
     """(signature, part) -> a loaded library for each kind of layer in `blocks`, checked against
     that kind's first layer. Libraries are named by the program they compile, so kinds of layer
     whose steps trace alike (Gemma's sliding and global layers) share one; `index.json` says
     which kind takes which, so a later load neither traces nor compiles."""
-    kinds = {_signature(b): b for b in reversed(blocks)}  # the first layer of each kind
+    kinds = dict(reversed(list(zip(signatures, blocks))))  # the first layer of each kind
     index = _read_json(folder / "index.json") or {}
     libraries, loaded, built = {}, {}, 0
     for sig, block in kinds.items():
@@ -297,9 +302,9 @@ def _close(got: Tensor, want: Tensor) -> bool:
     return got.shape == want.shape and bool(((got.float() - want.float()).abs().max() / scale) <= tolerance)
 
 
-def _measure(blocks: list[Block], parts: dict) -> dict:
+def _measure(layers: list) -> dict:
     """The verdict kept beside the libraries: both timings, and why not, where they are slower."""
-    eager_s, compiled_s = _time_layers(blocks, parts)
+    eager_s, compiled_s = _time_layers(layers)
     slower = f"slower here: {compiled_s * 1e3:.2f} against {eager_s * 1e3:.2f} ms a step's layers"
     return {
         "eager_ms": eager_s * 1e3,
@@ -308,20 +313,18 @@ def _measure(blocks: list[Block], parts: dict) -> dict:
     }
 
 
-def _time_layers(blocks: list[Block], parts: dict) -> tuple[float, float]:
-    """Seconds for one decode step's `heads` and `finish` over every layer, eager and compiled,
-    best of alternating rounds."""
-    inputs = {id(b): (_example(b, "heads", 1), _example(b, "finish", 1)) for b in blocks}
+def _time_layers(layers: list) -> tuple[float, float]:
+    """Seconds for one decode step's `heads` and `finish` over every layer (block, tensors, heads
+    library, finish library), eager and compiled, best of alternating rounds."""
+    inputs = [(_example(b, "heads", 1), _example(b, "finish", 1)) for b, *_ in layers]
 
     def eager() -> None:
-        for b in blocks:
-            b.heads(*inputs[id(b)][0])
-            b.finish(*inputs[id(b)][1])
-
-    runs = [(_tensors(b), parts[_signature(b), "heads"], parts[_signature(b), "finish"], inputs[id(b)]) for b in blocks]
+        for (block, *_), (heads_inputs, finish_inputs) in zip(layers, inputs):
+            block.heads(*heads_inputs)
+            block.finish(*finish_inputs)
 
     def compiled() -> None:
-        for tensors, heads, finish, (heads_inputs, finish_inputs) in runs:
+        for (_, tensors, heads, finish), (heads_inputs, finish_inputs) in zip(layers, inputs):
             heads.run([*tensors, *heads_inputs])
             finish.run([*tensors, *finish_inputs])
 
