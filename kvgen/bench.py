@@ -112,21 +112,24 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     counted as the weights they copy."""
     head = getattr(model, "lm_head", None)
     linear = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    lookups, ranges = [], []
+    looked_up, row_bytes, ranges = set(), 0, []  # tables read only a row at a time: one row each
     for m in model.modules():
         tensors = [t for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if not t.is_mkldnn]
+        table = None
         if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() not in linear:
-            lookups.append(m.weight)
+            table, rows = [m.weight], m.num_embeddings
         elif isinstance(m, QuantEmbedding) and m.table is not head:
-            lookups += list(m.table.buffers())
+            table, rows = list(m.table.buffers()), m.table.out_features
+        if table is not None:
+            looked_up |= {t.data_ptr() for t in table}
+            row_bytes += sum(t.numel() * t.element_size() for t in table) // rows
         ranges += [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
-    looked_up = {t.data_ptr() for t in lookups}
     total, end = 0, 0
     # The union of the ranges: views and ties count once.
     for start, stop in sorted((s, e) for s, e in ranges if s not in looked_up):
         total += max(0, stop - max(start, end))
         end = max(end, stop)
-    return total + sum(t[0].numel() * t.element_size() for t in lookups if t.dim() > 0)
+    return total + row_bytes
 
 
 def gguf_tensor_bytes(path: Path) -> dict[str, int]:

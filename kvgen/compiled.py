@@ -44,7 +44,7 @@ SETTINGS = ("auto", "on", "off")  # KVGEN_COMPILE: where measured faster, always
 MAX_ROWS = 256  # batch sizes a library takes; a larger batch runs the layers as written
 EXAMPLE_ROWS = 2  # export treats a dimension of 1 as fixed: the example batch has two rows
 # The kvgen source a traced step runs through, besides the model's own file: part of every build's key.
-SOURCES = ("compiled.py", "quant.py", "fast.py", "models/layers.py")
+SOURCES = ("compiled.py", "quant.py", "fast.py", "models/layers.py", "kernels/int4_mm.cpp")
 
 
 def speed_up(model: nn.Module) -> str:

@@ -130,6 +130,20 @@ def test_weight_bytes_count_a_tied_head_once_and_one_row_of_a_lookup_table(gpt2_
     assert expected / 4 < quantized < expected / 4 * 1.5
 
 
+def test_a_quantized_lookup_table_counts_one_row():
+    """An untied model's quantized embedding is read a row a token, not whole (its packed values are
+    one tensor of every row: their first index is not a row)."""
+    from kvgen.quant import QuantEmbedding, QuantLinear
+
+    def quantized(rows):
+        return QuantLinear.quantize(torch.randn(rows, 64), "int4", torch.float32, bits=5)
+
+    model = torch.nn.Module()
+    model.embed, model.lm_head = QuantEmbedding(quantized(256)), quantized(128)
+    size = lambda q: sum(t.numel() * t.element_size() for t in q.buffers())  # noqa: E731
+    assert weight_bytes_per_token(model) == size(model.lm_head) + size(model.embed.table) // 256
+
+
 def test_gguf_bytes_of_the_default_model_include_its_tied_embedding():
     path = kvgen.loading.default_model()
     sizes = gguf_tensor_bytes(path)

@@ -824,19 +824,37 @@ def quantized_weight(qtype: str, rows: int = 64, cols: int = 512, seed: int = 3,
 @needs_int4
 @pytest.mark.parametrize("qtype", sorted(DECODERS))
 def test_quantized_weights_hold_the_files_values(qtype):
-    """Every type with groups of 32 keeps its values (float32 rounding apart): as one int4 term for
-    4-bit types, two for 5- to 8-bit ones; Q6_K (groups of 16) is re-quantized to 8 bits."""
+    """Every type with groups of 32 keeps its values (float32 rounding apart) in as many bits as
+    they have: one int4 term for 4-bit types, one and a plane of high bits for 5-bit ones, two
+    terms for 8-bit ones; Q6_K (groups of 16) is re-quantized to 7 bits."""
     got, want = quantized_weight(qtype)
-    terms = {"Q4_0": 1, "Q4_1": 1, "Q4_K": 1}.get(qtype, 2)
-    assert got.kind == "int4" and len(got.packed) == terms
+    bits = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 7, "Q8_0": 8}[qtype]
+    assert got.kind == "int4" and got.bits == bits and len(got.packed) == (2 if bits == 8 else 1)
     error = (got.dequantize() - want).abs().max().item()
-    if qtype == "Q6_K":  # half a step of 8 bits over each group's range, at most
-        assert error <= (want.abs().max().item() * 2) / 255 / 2 * 1.01
+    if qtype == "Q6_K":  # half a step of 7 bits over each group's range, at most
+        assert error <= (want.abs().max().item() * 2) / 127 / 2 * 1.01
         assert error > 0
     else:
         assert error <= 1e-6 * want.abs().max().item(), error
     ids = torch.tensor([[0, 63], [40, 7]])
     assert torch.equal(got.rows(ids), got.dequantize()[ids])  # the embedding lookup reads the same values
+
+
+@needs_kvgen_kernel
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+def test_kvgens_kernel_reads_a_symmetric_types_scales_alone(qtype):
+    """Q4_0, Q5_0 and Q8_0 have no offsets: kvgen's kernel reads their scales alone (half a bit a
+    weight less), the other types' scales and zeros; the weight and its products stay the same."""
+    got, _ = quantized_weight(qtype, dtype=torch.bfloat16)
+    whole, ids = got.dequantize(), torch.tensor([0, 5, 63])
+    tensors = {name: t.float() if name == "scales_zeros" else t for name, t in got.state_dict().items()}
+    exact_weight = QuantLinear("int4", tensors).dequantize()  # its values times its bfloat16 scales, unrounded
+    got.set_kernel("kvgen")
+    assert got.scales_zeros.dim() == (4 if qtype in ("Q4_0", "Q5_0", "Q8_0") else 5)
+    assert torch.equal(got.dequantize(), whole) and torch.equal(got.rows(ids), whole[ids])
+    x = torch.randn(3, 512).bfloat16()
+    exact = x.double() @ exact_weight.double().T
+    assert ((got(x).double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * exact.abs().max()).all()
 
 
 @needs_int4
@@ -854,7 +872,7 @@ def test_a_large_weight_made_in_bands_of_rows_is_the_same(qtype, monkeypatch):
 
 
 @needs_int4
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "int8"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_prompt_multiplies_band_after_band_of_the_weight(qtype, dtype, monkeypatch):
     """A prompt's product dequantizes a band of rows at a time into buffers it reuses: band after
@@ -876,7 +894,7 @@ def test_a_prompt_multiplies_band_after_band_of_the_weight(qtype, dtype, monkeyp
 
 
 @needs_int4
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_products_match_the_dequantized_weight(qtype, dtype):
     got, _ = quantized_weight(qtype, dtype=dtype)
@@ -890,7 +908,7 @@ def test_kernel_products_match_the_dequantized_weight(qtype, dtype):
 
 
 @needs_int4
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "int8"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q8_0", "int8"])
 def test_a_rows_product_does_not_depend_on_its_batch(qtype):
     """What makes greedy tokens batch-invariant on this path: each row of a decode step gets the
     same bits whatever other rows run beside it."""

@@ -21,20 +21,22 @@ needs_kernel = pytest.mark.skipif(WHY_NOT is not None, reason=f"kvgen's int4 ker
 
 
 def weight(bits: int, rows: int = 192, cols: int = 352, seed: int = 0) -> QuantLinear:
-    """A random weight as one int4 term (4 bits) or two (8 bits), 3 blocks of rows, 11 groups."""
+    """A random weight as one int4 term (4 bits), one and a plane of high bits (5-7) or two (8 bits),
+    3 blocks of rows, 11 groups."""
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     return QuantLinear.quantize(w, "int4", torch.bfloat16, bits=bits)
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
 def test_products_are_the_dequantized_weights(bits, rows):
     """The kernel's rows are the float64 products of the same bfloat16 inputs with the weight's
     exact values (its int4 steps times bfloat16 scales), rounded once to bfloat16 (2^-9 of each
     value; float32 sums add far less)."""
     q = weight(bits)
-    exact = QuantLinear("int4", {"packed": q.packed, "scales_zeros": q.scales_zeros.float()}).dequantize()
+    tensors = {name: t.float() if name == "scales_zeros" else t for name, t in q.state_dict().items()}
+    exact = QuantLinear("int4", tensors).dequantize()
     x = torch.randn(rows, q.in_features).bfloat16()
     want = x.double() @ exact.double().T
     q.set_kernel("kvgen")
@@ -44,7 +46,7 @@ def test_products_are_the_dequantized_weights(bits, rows):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
 def test_a_rows_product_does_not_depend_on_its_batch(bits):
     """Rows go through the kernel four at a time; each one's bits are the same alone or beside others."""
     q = weight(bits)
@@ -57,21 +59,63 @@ def test_a_rows_product_does_not_depend_on_its_batch(bits):
 
 @needs_kernel
 def test_the_kernels_scales_layout_holds_the_same_weight(monkeypatch):
-    """Taking kvgen's kernel lays the scales out block by block: dequantizing, embedding lookups and
-    a prompt's banded products read the very same values, and going back restores the tensor."""
+    """Taking kvgen's kernel lays the scales out block by block: dequantizing and embedding lookups
+    read the very same values, a prompt's banded products (dequantized by the kernel's library, band
+    after band) the same weight, and going back restores the tensor."""
     q = weight(8, rows=320)
     before = q.scales_zeros.clone()
     whole, ids = q.dequantize(), torch.tensor([[0, 63], [64, 319]])
     prompt = torch.randn(1, 12, q.in_features).bfloat16()  # more than KERNEL_POSITIONS: banded
     monkeypatch.setattr(quant, "BAND_BYTES", 128 * q.in_features * 4)  # bands of 128 rows, the last short
     monkeypatch.setattr(quant, "_scratch", threading.local())
-    banded = q(prompt)
-    assert torch.equal(q.set_kernel("kvgen"), before)  # what it no longer reads
+    want = prompt.double() @ whole.double().T
+    (old,) = q.set_kernel("kvgen")
+    assert torch.equal(old, before)  # what it no longer reads
     assert q.scales_zeros.shape == (1, 5, 11, 64, 2)  # one scale and zero a group, for both terms
     assert torch.equal(q.dequantize(), whole) and torch.equal(q.rows(ids), whole[ids])
-    assert torch.equal(q(prompt), banded)
+    assert ((q(prompt).double() - want).abs() <= 2**-7 * want.abs() + 1e-4 * want.abs().max()).all()
     q.set_kernel("torch")
     assert torch.equal(q.scales_zeros, before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
+@pytest.mark.parametrize("scales_alone", [False, True])
+def test_the_kernels_dequantization_is_the_weight(bits, scales_alone):
+    """What a prompt's product multiplies: a band of rows dequantized in one pass, transposed, each
+    value (v - middle) * scale + zero rounded once; the two-step float32 of `dequantize` rounds
+    twice, so a value may differ by one float32 step before both round to bfloat16."""
+    w = torch.randn(320, 352, generator=torch.Generator().manual_seed(1))
+    if scales_alone:  # a symmetric type's values: the kernel reads no zeros
+        scale = w.view(320, -1, 32).abs().amax(-1) / (2 ** (bits - 1) - 1)
+        v = torch.round(w / scale.repeat_interleave(32, -1)) + 2 ** (bits - 1)
+        q = QuantLinear.groups(v, scale, -(2 ** (bits - 1)) * scale, torch.bfloat16, bits)
+    else:
+        q = QuantLinear.quantize(w, "int4", torch.bfloat16, bits=bits)
+    whole = q.dequantize().float()
+    q.set_kernel("kvgen")
+    assert q.scales_zeros.dim() == (4 if scales_alone else 5)
+    band = torch.empty(352, 192, dtype=torch.bfloat16)
+    torch.ops.kvgen.int4_dequantize(q.packed, q.scales_zeros, q._high(), 128, band)
+    assert ((band.T.float() - whole[128:]).abs() <= 2**-8 * whole[128:].abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_torchs_kernel_takes_a_high_bit_plane_as_two_terms(bits):
+    """A 5- to 7-bit weight is kept as kvgen's kernel reads it, its low nibbles and a plane of high
+    bits (6 to 8 bits a weight with the scales, against 9 for two terms); choosing torch's kernel
+    unpacks it into two terms holding the very same weight, and hands back what it held."""
+    q = weight(bits, rows=320)
+    assert q.high.shape == (320, 352 * (bits - 4) // 8) and len(q.packed) == 1
+    whole, ids = q.dequantize(), torch.tensor([[0, 63], [64, 319]])
+    held = [q.packed, q.high, q.scales_zeros]
+    old = q.set_kernel("torch")
+    assert len(old) == 3 and all(a is b for a, b in zip(old, held))
+    assert q.high is None and q.bits == 8 and len(q.packed) == 2
+    assert torch.equal(q.dequantize(), whole) and torch.equal(q.rows(ids), whole[ids])
+    x = torch.randn(3, 352).bfloat16()
+    want = x.double() @ whole.double().T
+    assert ((q(x).double() - want).abs().max() / want.abs().max()).item() < 2**-7
 
 
 @needs_kernel

@@ -65,7 +65,9 @@ def _build(name: str, cflags: list[str], target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _int4_mm_shape(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+def _int4_mm_shape(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, high: torch.Tensor
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], packed.shape[1])  # (M, K) times (terms, N, K/2) nibbles -> (M, N)
 
 

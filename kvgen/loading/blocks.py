@@ -2,8 +2,9 @@
 
 Each type's blocks are first decoded to int8 values q with a float32 scale, and for some types an
 offset, per group of 16 or 32 columns, following gguf.quants' dequantize_blocks: w = q * scale -
-offset. Every type with groups of 32 then keeps its values exactly as int4 groups, 5- to 8-bit
-ones as two int4 terms (`kvgen.quant`); Q6_K is re-quantized to 8 bits in groups of 32. Decoding
+offset. Every type with groups of 32 then keeps its values exactly as int4 groups, 5-bit ones
+with a plane of their high bits and 8-bit ones as two int4 terms (`kvgen.quant`); Q6_K's groups
+of 16 are re-quantized to 7 bits in groups of 32. Decoding
 a file takes seconds (numpy, and GGUF metadata with a 262k-token vocabulary), so the result is
 kept in the GGUF's folder in the kvgen cache (`kvgen.loading.convert`), in `BLOCKS_FILE`, beside
 the tensors that stay float: no float copy of a quantized matrix is made.
@@ -22,7 +23,7 @@ from ..quant import BLOCK_ROWS, GROUP, QuantLinear, fits_int4, int4_available
 from .gguf import ROWS_PER_CHUNK_ELEMENTS
 
 BLOCKS_FILE = "kvgen_blocks.safetensors"
-STORE_VERSION = 5  # bump when what `to_quant` makes changes, so kept weights are made again
+STORE_VERSION = 6  # bump when what `to_quant` makes changes, so kept weights are made again
 
 # A decoder: (n, bytes per block) uint8 -> q (n, values per block) int8, scale (n, groups) and
 # offset (n, groups) or None, float32. Each one follows gguf.quants' dequantize_blocks.
@@ -127,16 +128,20 @@ def dequantize(q: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
     return w if offset is None else w - offset.repeat_interleave(group, dim=1)
 
 
-# Types whose values span at most 16 levels: one int4 term. The wider ones always take two, so
-# that the row chunks of one weight, made apart, have the same layout.
-FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+# The bits each type's values are kept in: at least as many as they span, and the same for every
+# band of rows of one weight, made apart, so that the bands join.
+BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
+# Q6_K's groups of 16 each have their own scale: in groups of 32 they are re-quantized. 7 bits (8 a
+# weight with the scales, not 9) keep the KL divergence close to 8 bits'; 6 more than double it
+# (docs/speed.md).
+REQUANTIZED_BITS = 7
 
 
 def to_quant(type_name: str, data: np.ndarray, shape: tuple[int, int], dtype: torch.dtype, fix=None) -> QuantLinear:
     """One GGUF weight of `shape` -> a QuantLinear computing in `dtype`. Types with groups of 32
-    (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0) keep their values exactly, as one int4 term (4-bit)
-    or two (5- to 8-bit); Q6_K's groups of 16 are re-quantized to 8 bits in groups of 32; a shape
-    the int4 layout cannot hold becomes int8 rows. `fix` reorders rows (Llama's q and k).
+    (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0) keep their values exactly, in `BITS`; Q6_K's groups
+    of 16 are re-quantized to 7 bits in groups of 32; a shape the int4 layout cannot hold becomes
+    int8 rows. `fix` reorders rows (Llama's q and k).
 
     A large weight goes a band of rows at a time (each row's values are its own), so decoding a
     151936-row embedding holds ~16M values of scratch, not the whole table's int32 copies."""
@@ -156,11 +161,10 @@ def _rows_to_quant(type_name: str, data: np.ndarray, shape: tuple[int, int], dty
     if not fits_int4(*shape):
         return QuantLinear.quantize(fix(dequantize(q, scale, offset)), "int8", dtype)
     if q.shape[1] // scale.shape[1] != GROUP:
-        return QuantLinear.quantize(fix(dequantize(q, scale, offset)), "int4", dtype, bits=8)
+        return QuantLinear.quantize(fix(dequantize(q, scale, offset)), "int4", dtype, bits=REQUANTIZED_BITS)
     low = int(q.min())
     zero = low * scale - (0 if offset is None else offset)  # w = q * scale - offset = (q - low) * scale + zero
-    wide = type_name not in FOUR_BIT
-    return QuantLinear.groups(fix(q.to(torch.int16) - low), fix(scale), fix(zero), dtype, two=wide)
+    return QuantLinear.groups(fix(q.to(torch.int16) - low), fix(scale), fix(zero), dtype, BITS[type_name])
 
 
 def keeps_quantized(g, item) -> bool:
