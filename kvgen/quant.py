@@ -141,7 +141,7 @@ class QuantLinear(nn.Module):
     bits) or int8 rows; see the module doc.
 
     int4 holds `packed` (terms, N, K/2) uint8 and `scales_zeros` (terms, K/32, N, 2); the weight is
-    the terms' sum, each (u - 8) * scale + zero. With `high` (N, K/8 or K/4, `pack_high`) the one
+    the terms' sum, each (u - 8) * scale + zero. With `high` (N, K * bits / 8, `pack_high`) the one
     term's nibbles are the low bits of 5- to 7-bit values v, w = (v - middle) * scale + zero
     (`MIDDLE`). int8 holds `q` (N, K) int8 and `scale` (N,).
     Scales are in the compute dtype, as the kernels require. `kernel` says whose int4 kernel
@@ -306,8 +306,8 @@ class QuantLinear(nn.Module):
         """Multiply few rows with `kernel`, its tensors laid out as it reads them; returns those it no
         longer reads (their memory-mapped pages can go). kvgen's kernel takes one scale and zero a
         group, by blocks of 64 rows (an 8-bit value's two terms share them; a symmetric type's
-        scales alone, `symmetric_zero`). torch's takes a 5- to
-        7-bit weight as two terms, unpacked here (8 bits a value in memory)."""
+        scales alone, `symmetric_zero`). torch's takes a 5- to 7-bit weight as two terms, unpacked
+        here (8 bits a value in memory)."""
         if self.kind != "int4":
             return []
         unpacked = self._as_two_terms() if kernel == "torch" and self.high is not None else []
