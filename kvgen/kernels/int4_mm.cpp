@@ -210,30 +210,31 @@ void block_dequantize(const Weight& w, int64_t block, uint16_t* out, int64_t str
 }
 
 using BlockProduct = void (*)(const Weight&, int64_t, const uint16_t*, const uint16_t*, const float*, uint16_t*);
+using BlockDequantize = void (*)(const Weight&, int64_t, uint16_t*, int64_t);
+
+// A weight's block functions, by its form and whether it has zeros: products by rows of x, and
+// dequantization.
+struct Functions {
+  BlockProduct product[kMaxRows + 1];
+  BlockDequantize dequantize;
+};
 template <int Form, bool Zeros>
-constexpr BlockProduct kByRows[kMaxRows + 1] = {nullptr, block_product<1, Form, Zeros>, block_product<2, Form, Zeros>,
-                                                block_product<3, Form, Zeros>, block_product<4, Form, Zeros>};
+constexpr Functions kFunctions = {
+    {nullptr, block_product<1, Form, Zeros>, block_product<2, Form, Zeros>, block_product<3, Form, Zeros>,
+     block_product<4, Form, Zeros>},
+    block_dequantize<Form, Zeros>};
 template <bool Zeros>
-const BlockProduct* by_rows(int form) {
+const Functions& functions_for(int form) {
   switch (form) {
-    case kOneBit: return kByRows<kOneBit, Zeros>;
-    case kTwoBits: return kByRows<kTwoBits, Zeros>;
-    case kThreeBits: return kByRows<kThreeBits, Zeros>;
-    case kNibble: return kByRows<kNibble, Zeros>;
-    default: return kByRows<kNone, Zeros>;
+    case kOneBit: return kFunctions<kOneBit, Zeros>;
+    case kTwoBits: return kFunctions<kTwoBits, Zeros>;
+    case kThreeBits: return kFunctions<kThreeBits, Zeros>;
+    case kNibble: return kFunctions<kNibble, Zeros>;
+    default: return kFunctions<kNone, Zeros>;
   }
 }
-
-using BlockDequantize = void (*)(const Weight&, int64_t, uint16_t*, int64_t);
-template <bool Zeros>
-BlockDequantize dequantize_for(int form) {
-  switch (form) {
-    case kOneBit: return block_dequantize<kOneBit, Zeros>;
-    case kTwoBits: return block_dequantize<kTwoBits, Zeros>;
-    case kThreeBits: return block_dequantize<kThreeBits, Zeros>;
-    case kNibble: return block_dequantize<kNibble, Zeros>;
-    default: return block_dequantize<kNone, Zeros>;
-  }
+const Functions& functions_for(const Weight& w) {
+  return w.zeros ? functions_for<true>(w.form) : functions_for<false>(w.form);
 }
 
 float from_bfloat16(uint16_t bits) {
@@ -286,7 +287,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     }
   }
   auto out = at::empty({M, N}, x.options());
-  const BlockProduct* products = w.zeros ? by_rows<true>(form) : by_rows<false>(form);
+  const BlockProduct* products = functions_for(w).product;
   const float* gp = sums.data();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, N / kBlockRows, 1, [&](int64_t begin, int64_t end) {
@@ -310,7 +311,7 @@ void int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_zeros, c
               "int4_dequantize: out must be contiguous (K, rows) bfloat16");
   TORCH_CHECK(start % kBlockRows == 0 && rows % kBlockRows == 0 && start + rows <= w.N,
               "int4_dequantize: rows must be whole blocks of 64 within the weight");
-  const BlockDequantize dequantize = w.zeros ? dequantize_for<true>(w.form) : dequantize_for<false>(w.form);
+  const BlockDequantize dequantize = functions_for(w).dequantize;
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(start / kBlockRows, (start + rows) / kBlockRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block)
