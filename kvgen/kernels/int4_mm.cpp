@@ -2,7 +2,7 @@
 // values and a plane of their 1 to 3 high bits, or of 8-bit ones as two 4-bit terms (kvgen/quant.py)
 // -> (M, N) bfloat16, each row computed alone (the same bits in any batch).
 // The nibbles are in torch's CPU int4 layout; one scale and zero a group of 32 (or a scale alone,
-// where every zero is 0: a symmetric type's, half a bit a weight less to read), laid out by blocks
+// where the zeros are a symmetric type's: half a bit a weight less to read), laid out by blocks
 // of 64 rows so that a block reads its own from one place (in torch's layout a large head's were a
 // megabyte apart, group after group, and an 8-bit weight carried a pair per term).
 //
