@@ -345,7 +345,15 @@ class QuantLinear(nn.Module):
     def rows(self, ids: Tensor) -> Tensor:
         """The weight's rows `ids` (any shape) -> (*ids.shape, K): an embedding lookup."""
         flat = ids.reshape(-1)
-        if self.kind == "int8":
+        if self.kernel == "kvgen":  # each row's block of 64 dequantized by the kernel: a few microseconds
+            out = torch.empty(len(flat), self.in_features, dtype=self.dtype)
+            block = scratch("row block", (self.in_features, BLOCK_ROWS), self.dtype)
+            for i, row in enumerate(flat.tolist()):
+                torch.ops.kvgen.int4_dequantize(
+                    self.packed, self.scales_zeros, self._high(), row - row % BLOCK_ROWS, block
+                )
+                out[i] = block[:, row % BLOCK_ROWS]
+        elif self.kind == "int8":
             out = self.q[flat].to(self.dtype) * self.scale[flat, None]
         else:
             half, block, within = BLOCK_ROWS // 2, flat // BLOCK_ROWS, flat % BLOCK_ROWS

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import compiled, fast, graphs
+from . import compiled, fast, graphs, kernels
 from .cache import LayerCache
 from .generate import Decode, plain_decoder
 from .loading import release_file_pages, return_freed_memory, save_tensors, weight_files
 from .loading.blocks import block_tensors, blocks_layout, read_blocks
 from .loading.convert import cache_root, content_key
 from .loading.dtype import int4_kernel, packing_pays, quantized_pays
+from .models.layers import RotaryAttention
 from .quant import KINDS, QuantLinear, quantize_linears, swap_in, use_kernel
 
 QUANTIZE = ("auto", "none", *KINDS)
@@ -85,6 +86,16 @@ def _check_on_cpu(quantize: str, device: torch.device | str) -> None:
         raise ValueError(f"quantize={quantize!r} runs on torch's CPU kernels only; this model is on {device}")
 
 
+def use_attention_kernel(model: nn.Module, device: torch.device | str) -> bool:
+    """Let a CPU model's rotary layers attend with kvgen's kernel where this CPU can build it:
+    one call a step for every row (SDPA takes one a row), each row's numbers its own."""
+    usable = torch.device(device).type == "cpu" and kernels.load("attention") is None
+    for module in model.modules():
+        if isinstance(module, RotaryAttention):
+            module.kernel = usable
+    return usable
+
+
 def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str, quantize: str) -> Runner:
     """Give a freshly loaded model (from `folder`) its fast weights, in place, and return its runner.
 
@@ -104,5 +115,6 @@ def prepare(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.de
     if quantized is not None:  # before fusing: fused products join tensors laid out for their kernel
         release_file_pages(use_kernel(model, int4_kernel(dtype, device)))
     fast.speed_up(model, pack_weights=packing_pays(dtype, device))
+    use_attention_kernel(model, device)
     return_freed_memory()  # the scratch copies that fusing and packing freed
     return Runner(quantized, compiled.speed_up(model))

@@ -82,6 +82,20 @@ def min_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(probs < p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
+def argmax(logits: Tensor) -> Tensor:
+    """(B, vocab) -> (B,) the index of each row's largest logit, the first of equal ones: what
+    `Tensor.argmax` gives. torch's CPU argmax walks the row one element at a time (~0.25 ms over a
+    262k vocabulary, 2 % of a small model's decode step); a maximum per chunk is vectorized (15 us),
+    so the first chunk that holds the row's maximum is found first, then the first maximum in it."""
+    B, V = logits.shape
+    chunk = next((c for c in (1024, 512, 256, 128, 64) if V % c == 0), None)
+    if logits.device.type != "cpu" or chunk is None or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    chunks = logits.view(B, V // chunk, chunk)
+    first = chunks.amax(dim=-1).argmax(dim=-1)  # (B,) the first chunk holding each row's maximum
+    return first * chunk + chunks[torch.arange(B), first].argmax(dim=-1)
+
+
 def sample(
     logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None, history: Tensor | None = None
 ) -> Tensor:
@@ -90,7 +104,7 @@ def sample(
     if params.repetition_penalty != 1.0 and history is not None:
         logits = repetition_penalty(logits, history, params.repetition_penalty)
     if params.greedy or params.temperature < MIN_TEMPERATURE:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     logits = (logits / params.temperature).clamp(max=torch.finfo(logits.dtype).max)  # a penalised logit's inf
     if params.top_k:
         logits = top_k(logits, params.top_k)
@@ -119,7 +133,7 @@ def sample_rows(
     takes one argmax.
     """
     if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-        return logits.float().argmax(dim=-1)
+        return argmax(logits.float())
     return torch.cat(
         [sample(logits[i : i + 1], p, g, h) for i, (p, g, h) in enumerate(zip(params, generators, histories))]
     )

@@ -178,3 +178,69 @@ def test_a_failed_build_is_reported_once_and_not_retried(tmp_path, monkeypatch):
     assert "could not be built" in why and "c++: not found" in why
     monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: pytest.fail("built twice"))
     assert kernels.load.__wrapped__("int4_mm") == why
+
+
+ATTENTION_WHY_NOT = kernels.load("attention")
+needs_attention_kernel = pytest.mark.skipif(
+    ATTENTION_WHY_NOT is not None, reason=f"kvgen's attention kernel is not here: {ATTENTION_WHY_NOT}"
+)
+
+
+def held(n: int, slots: int, left: bool) -> slice:
+    """The slots a row of n tokens holds: the last n behind left padding, else the first n."""
+    return slice(slots - n, slots) if left else slice(0, n)
+
+
+def padded_rows(lengths: list[int], slots: int, left: bool, kv_heads: int, D: int, T: int = 1, seed: int = 0):
+    """Keys and values of rows of unlike lengths in `slots` slots, the empty ones (position -1) in
+    front (a left-padded batch) or behind (a static cache's tail), and each row's last T queries'
+    positions. Keys scaled so that the softmax is far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    k = (3 * torch.randn(len(lengths), kv_heads, slots, D, generator=g)).bfloat16()
+    v = torch.randn(len(lengths), kv_heads, slots, D, generator=g).bfloat16()
+    key_positions = torch.full((len(lengths), slots), -1)
+    for b, n in enumerate(lengths):
+        key_positions[b, held(n, slots, left)] = torch.arange(n)
+    query_positions = torch.tensor(lengths)[:, None] - T + torch.arange(T)
+    return k, v, key_positions, query_positions
+
+
+@needs_attention_kernel
+@pytest.mark.parametrize("heads, kv_heads, D", [(4, 1, 256), (14, 2, 64), (6, 6, 96)])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("window", [None, 7])
+def test_the_attention_kernel_is_attention(heads, kv_heads, D, T, window):
+    """The kernel's output is float64 attention over the same bfloat16 inputs, masked as
+    `attention_mask` says (left padding, a sliding window, causal among T queries), rounded once to
+    bfloat16 (2^-9 of each value, float32 scores and sums add far less)."""
+    from kvgen.models.layers import attention_mask
+
+    k, v, key_positions, query_positions = padded_rows([5, 37, 12], 40, True, kv_heads, D, T)
+    q = torch.randn(3, heads, T, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    mask = attention_mask(query_positions, key_positions, window)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=D**-0.5, enable_gqa=True
+    )
+    got = torch.ops.kvgen.attention(q, k, v, mask, D**-0.5).double()
+    assert got.shape == want.shape
+    assert ((got - want).abs() <= 2**-8 * want.abs() + 1e-4).all()
+
+
+@needs_attention_kernel
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("T", [1, 2])
+def test_a_rows_attention_does_not_depend_on_its_batch_or_its_empty_slots(left, T):
+    """Each row of a batch attends bit for bit as it does alone over only its own slots, whether the
+    batch's empty slots lie in front of it (left padding) or behind (a static cache's tail)."""
+    from kvgen.models.layers import attention, attention_mask
+
+    lengths, slots = [5, 37, 12, 40], 40
+    k, v, key_positions, query_positions = padded_rows(lengths, slots, left, 2, 64, T)
+    q = torch.randn(4, 8, T, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    together = attention(q, k, v, attention_mask(query_positions, key_positions), 0.125, kernel=True)
+    for b, n in enumerate(lengths):
+        own = held(n, slots, left)
+        mask = attention_mask(query_positions[b : b + 1], key_positions[b : b + 1, own])
+        alone = torch.ops.kvgen.attention(q[b : b + 1], k[b : b + 1, :, own], v[b : b + 1, :, own], mask, 0.125)
+        assert torch.equal(together[b : b + 1], alone), b
+    assert not torch.equal(together[0], together[1])  # rows that differ: the comparison means something

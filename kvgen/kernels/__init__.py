@@ -25,6 +25,10 @@ KERNELS = {
         ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"),
         ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-fopenmp"],
     ),
+    "attention": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+        ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
+    ),
 }
 
 
@@ -71,8 +75,14 @@ def _int4_mm_shape(
     return x.new_empty(x.shape[0], packed.shape[1])  # (M, K) times (terms, N, K/2) nibbles -> (M, N)
 
 
+def _attention_shape(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return q.new_empty(q.shape)  # (B, H, T, D) queries -> their (B, H, T, D) attention
+
+
 # Each kernel's output shape and dtype for its inputs: what tracing (`kvgen.compiled`) needs of an op.
-SHAPES = {"int4_mm": _int4_mm_shape}
+SHAPES = {"int4_mm": _int4_mm_shape, "attention": _attention_shape}
 
 
 def _register_shape(name: str) -> None:

@@ -33,10 +33,12 @@ class Block(nn.Module, metaclass=abc.ABCMeta):
 
 class RotaryAttention(nn.Module):
     """The attention step of a layer with rotary positions: subclasses make the projections
-    (`heads`) and set `window` (None: every earlier token) and `scale`."""
+    (`heads`) and set `window` (None: every earlier token) and `scale`. A runner sets `kernel`
+    where this machine has kvgen's attention kernel (`attention`)."""
 
     window: int | None
     scale: float
+    kernel = False
 
     def forward(
         self,
@@ -50,7 +52,8 @@ class RotaryAttention(nn.Module):
     ) -> Tensor:
         """This step's queries, keys and values -> attention over the cache, (B, H, T, D)."""
         q, k, v, positions, key_positions = rope_and_cache(q, k, v, positions, rope, inv_freq, cache)
-        return attention(q, k, v, attention_mask(positions, key_positions, self.window), self.scale)
+        mask = attention_mask(positions, key_positions, self.window)
+        return attention(q, k, v, mask, self.scale, kernel=self.kernel)
 
 
 def merge_heads(y: Tensor) -> Tensor:
@@ -112,7 +115,9 @@ FEW_QUERIES = 128  # on a CPU, steps of at most this many queries attend in `sto
 CUT_TO_SPANS = True
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcast: bool = False) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcast: bool = False, kernel: bool = False
+) -> Tensor:
     """Scaled dot-product attention over (B, H, T, D) queries and (B, Hkv, S, D) keys/values.
 
     `upcast` computes the scores in float32 (GPT-2's `reorder_and_upcast_attn`), which matters
@@ -120,6 +125,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcas
     verification) attend in the dtype their caches store (`cache.storage_dtype`): float32 where
     SDPA's half-precision kernels are slow (float16; bfloat16 with a kv head per query head), and
     bfloat16 for grouped queries (`grouped_attention`). Long prefills keep the weights' dtype.
+    With `kernel`, bfloat16 steps of a few queries take kvgen's attention kernel: every row in
+    one call, each computed alone (kernels/attention.cpp); SDPA takes a call a row.
     """
     if attention_probe is not None:
         attention_probe(q, k, mask, scale)
@@ -127,6 +134,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcas
     few = q.device.type == "cpu" and q.shape[2] <= FEW_QUERIES
     work = torch.float32 if upcast else storage_dtype(dtype, q.device, group_size) if few else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copy of a cache already stored in `work`
+    if kernel and few and work == torch.bfloat16 and q.shape[-1] % 32 == 0:
+        return torch.ops.kvgen.attention(q, k, v, mask, scale).to(dtype)
     grouped = few and work == torch.bfloat16 and group_size > 1
     if CUT_TO_SPANS and q.device.type == "cpu" and (few or q.shape[0] == 1):
         return rowwise_attention(q, k, v, mask, scale, grouped).to(dtype)

@@ -10,9 +10,9 @@ client goes away (`EngineRequest.cancel`). Results go out through each request's
 called on the engine thread.
 
 A greedy request gets the same tokens alone, beside others, and with or without the prompt cache:
-each row attends alone (`layers.rowwise_attention`), the quantized weights' kernels compute each
-row alike whatever the batch, and the prompt cache holds only what a fresh prefill computes the
-same way. (Float weights' products in bfloat16 may round a row differently with the batch's size.)
+each row attends alone (kvgen's attention kernel, or `layers.rowwise_attention`), the quantized
+weights' kernels compute each row alike whatever the batch, and the prompt cache holds only what a
+fresh prefill computes the same way. (Float weights' products in bfloat16 may round a row differently with the batch's size.)
 
 The engine never knows the architecture (only `model(tokens, positions, cache)` and
 `cache_layout()`), and an error inside one request fails that request only.
