@@ -4,8 +4,9 @@
 weight-only kernels (`kvgen.quant`), or kvgen's own int4 kernel (`kvgen.kernels`), where this
 machine runs those faster than float ones (measured once per processor, `kvgen.loading.dtype`); a
 float checkpoint can be quantized the same way. Then sibling projections are fused and float
-weights prepacked where that pays (`kvgen.fast`), and on a CPU each layer's pure steps run
-compiled for this machine where that was measured faster (`kvgen.compiled`). The `Runner` it
+weights prepacked where that pays (`kvgen.fast`), rotary layers attend with kvgen's attention
+kernel where this CPU builds it, and on a CPU each layer's pure steps run compiled for this
+machine where that was measured faster (`kvgen.compiled`). The `Runner` it
 returns hands the loop its decode step (`generate.generate_tokens(..., decoder=...)`):
 on a GPU with the static cache, one recorded as a CUDA graph and replayed (`kvgen.graphs`).
 """
