@@ -347,11 +347,9 @@ class QuantLinear(nn.Module):
         flat = ids.reshape(-1)
         if self.kernel == "kvgen":  # each row's block of 64 dequantized by the kernel: a few microseconds
             out = torch.empty(len(flat), self.in_features, dtype=self.dtype)
-            block = scratch("row block", (self.in_features, BLOCK_ROWS), self.dtype)
+            block, high = scratch("row block", (self.in_features, BLOCK_ROWS), self.dtype), self._high()
             for i, row in enumerate(flat.tolist()):
-                torch.ops.kvgen.int4_dequantize(
-                    self.packed, self.scales_zeros, self._high(), row - row % BLOCK_ROWS, block
-                )
+                torch.ops.kvgen.int4_dequantize(self.packed, self.scales_zeros, high, row - row % BLOCK_ROWS, block)
                 out[i] = block[:, row % BLOCK_ROWS]
         elif self.kind == "int8":
             out = self.q[flat].to(self.dtype) * self.scale[flat, None]
