@@ -29,7 +29,7 @@ def weight(bits: int, rows: int = 192, cols: int = 352, seed: int = 0) -> QuantL
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 13])
 def test_products_are_the_dequantized_weights(bits, rows):
     """The kernel's rows are the float64 products of the same bfloat16 inputs with the weight's
     exact values (its int4 steps times bfloat16 scales), rounded once to bfloat16 (2^-9 of each
@@ -48,13 +48,28 @@ def test_products_are_the_dequantized_weights(bits, rows):
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
 def test_a_rows_product_does_not_depend_on_its_batch(bits):
-    """Rows go through the kernel four at a time; each one's bits are the same alone or beside others."""
+    """Rows go through the kernel up to eight at a time; each one's bits are the same alone or beside
+    others."""
     q = weight(bits)
     q.set_kernel("kvgen")
     x = torch.randn(11, 1, q.in_features).bfloat16()
     together = q(x)
     for i in range(len(x)):
         assert torch.equal(q(x[i : i + 1]), together[i : i + 1]), i
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_non_finite_input_spoils_its_own_row_only(bits):
+    """An 8-bit weight multiplies x as integers, which hold no NaN: a row with one gives NaN where
+    float arithmetic would, and the rows beside it are untouched."""
+    q = weight(bits)
+    q.set_kernel("kvgen")
+    x = torch.randn(3, q.in_features).bfloat16()
+    alone = q(x[2:])
+    x[1, 40] = float("nan")
+    got = q(x)
+    assert got[1].isnan().all() and torch.equal(got[2:], alone) and got[0].isfinite().all()
 
 
 @needs_kernel
@@ -167,7 +182,7 @@ def test_a_failed_build_is_reported_once_and_not_retried(tmp_path, monkeypatch):
     """No compiler (or a compile error): the reason, torch's kernel kept, and no second try in
     later processes (the reason is kept beside where the library would be)."""
     monkeypatch.setenv("KVGEN_CACHE", str(tmp_path))
-    flags = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"}
+    flags = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vnni"}
     monkeypatch.setattr(dtype_module, "cpu_name_and_flags", lambda: ("Some CPU", flags))
 
     def no_compiler(*args, **kwargs):

@@ -22,8 +22,8 @@ HERE = Path(__file__).parent
 # What each kernel needs of the CPU (its /proc/cpuinfo flags) and the compiler flags that allow it.
 KERNELS = {
     "int4_mm": (
-        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi"),
-        ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-fopenmp"],
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vnni"),
+        ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-fopenmp"],
     ),
     "attention": (
         ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),

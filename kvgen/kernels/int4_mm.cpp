@@ -9,20 +9,25 @@
 // torch's own kernel widens every nibble to float32 and is bound by that arithmetic (about 17 GB/s
 // of weights on two cores). Here two nibbles of a row become two bfloat16 lanes with a mask and an
 // OR, and one vdpbf16ps multiplies 32 of them by x: the product streams the weights at about the
-// speed of memory. Needs AVX-512 BF16 and VBMI; docs/speed.md has the figures.
+// speed of memory. An 8-bit weight's two nibbles become one 16-bit integer lane instead, multiplied
+// by x rounded to 16-bit integers (vpdpwssd): one instruction for 32 weights, not two, where a
+// batch makes the product compute-bound. Needs AVX-512 BF16, VNNI and VBMI; docs/speed.md has the
+// figures.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
 
 constexpr int kGroup = 32;      // values per scale and zero
 constexpr int kBlockRows = 64;  // rows that one block of the layout interleaves
-constexpr int kMaxRows = 4;     // rows of x multiplied per pass over a block
+constexpr int kMaxRows = 8;     // rows of x multiplied per pass over a block: 1, 2, 4 or 8
 // How far ahead of its reads the kernel asks for weights: the hardware's own prefetch left a
 // weight larger than the cache streaming at ~60 % of memory speed.
 constexpr int kAhead = 4096;
@@ -30,17 +35,16 @@ constexpr int kAhead = 4096;
 // bfloat16 with bits 0x4300 | v is 128 + v exactly (v < 128: its 7 bits of mantissa), so a value
 // becomes a bfloat16 with one OR. A 4- to 7-bit weight is (v - middle) * scale + zero: the 128 +
 // middle that 128 + v holds over v - middle comes off with each group's sum of x (middle 8 to 64).
-// An 8-bit one, v = 16 * high + low, is two nibbles: its high ones multiply 16 * x (exact in
-// bfloat16) into the same sums, and 16 * 128 + 128 + 136 comes off (136: torch's two terms, each u - 8).
-// A weight held with its scales alone has a symmetric type's zeros: w = 0 where v is 2^(bits - 1),
-// its middle but for 8-bit values (128, not 136).
+// An 8-bit one, v = 16 * high + low, is two nibbles, joined into one integer lane (no 128 added):
+// its middle is 136 (torch's two terms, each u - 8). A weight held with its scales alone has a
+// symmetric type's zeros: w = 0 where v is 2^(bits - 1), its middle but for 8-bit values (128).
 constexpr uint32_t kMagic = 0x43004300;
 
 // How the part of a value above its low nibble is held: nowhere (4-bit values), in a plane of 1 to
 // 3 bits a value, or as a second nibble (8-bit values).
 enum High { kNone = 0, kOneBit = 1, kTwoBits = 2, kThreeBits = 3, kNibble = 4 };
 constexpr float excess(int high, bool zeros) {
-  return high == kNibble ? 16 * 128 + 128 + (zeros ? 136 : 128) : 128 + (8 << high);
+  return high == kNibble ? (zeros ? 136 : 128) : 128 + (8 << high);
 }
 
 // From the 64 bytes of columns k and k + 1 of a block (32 bytes each: byte j holds rows j and
@@ -54,9 +58,10 @@ struct Spread {
 };
 const Spread kSpread;
 
-// Accumulator i holds 16 rows from the block's 16 i-th: the low nibbles of the first and second
-// spread (rows 0-15, 16-31), then their high nibbles (rows 32-47, 48-63).
-constexpr int kFirstRow[4] = {0, 16, 32, 48};
+// A block is multiplied in two halves, each the rows of one spread of its bytes: their low nibbles
+// (rows 16h..16h+15) and high ones (rows 32 + 16h..): a half's lanes j = 0, 1 hold rows kFirstRow[h][j].
+// Two halves of 8 rows of x take 16 accumulators where a whole block took 32 (all the registers).
+constexpr int kFirstRow[2][2] = {{0, 32}, {16, 48}};
 
 struct Weight {
   const uint8_t* packed;         // (terms, N, K/2): one term, or an 8-bit value's high and low nibbles
@@ -67,41 +72,71 @@ struct Weight {
   int64_t N, K;
 };
 
-// The 64 rows' 128 + v at columns k, k + 1 as bfloat16 pairs, lanes[i] rows 16i..16i+15: v their
-// nibbles (at `columns`) and, with `Bits`, 16 times their high bits. Those are masks (at `high`), one
-// per bit and accumulator, a bit per lane half (kvgen/quant.py `pack_high`): each adds its 16 or 32.
-template <int Bits>
-inline void spread(const uint8_t* columns, const uint8_t* high, __m512i (&lanes)[4]) {
-  const __m512i nibble = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(kMagic);
+// Half h of the 64 rows' 128 + v at columns k, k + 1 as bfloat16 pairs (lanes[j]: rows
+// kFirstRow[h][j]): v their nibbles (at `columns`) and, with `Bits`, 16 times their high bits. Those
+// are masks (at `high`), one per bit and 16 rows, a bit per lane half (kvgen/quant.py `pack_high`):
+// each adds its 16 or 32. Without `Magic`, v alone as 16-bit integers.
+template <int Half, int Bits, bool Magic = true>
+inline void spread(const uint8_t* columns, const uint8_t* high, __m512i (&lanes)[2]) {
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(Magic ? kMagic : 0);
   const __mmask64 values_only = 0x5555555555555555ULL;  // the other bytes of each lane are zeroed
-  _mm_prefetch(reinterpret_cast<const char*>(columns + kAhead), _MM_HINT_T0);
-  const __m512i both = _mm512_loadu_si512(columns);
-  for (int h = 0; h < 2; ++h) {
-    const __m512i bytes = _mm512_maskz_permutexvar_epi8(values_only, _mm512_load_si512(kSpread.index[h]), both);
-    lanes[h] = _mm512_or_si512(_mm512_and_si512(bytes, nibble), magic);
-    lanes[2 + h] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble), magic);
-  }
+  // The second half asks for the weights ahead: asked in the first, a large head read ~10 % slower.
+  if constexpr (Half == 1) _mm_prefetch(reinterpret_cast<const char*>(columns + kAhead), _MM_HINT_T0);
+  const __m512i bytes = _mm512_maskz_permutexvar_epi8(values_only, _mm512_load_si512(kSpread.index[Half]),
+                                                      _mm512_loadu_si512(columns));
+  lanes[0] = _mm512_or_si512(_mm512_and_si512(bytes, nibble), magic);
+  lanes[1] = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), magic);  // the lane's other byte is 0
   if constexpr (Bits > 0) {
-    _mm_prefetch(reinterpret_cast<const char*>(high + kAhead * Bits / 4), _MM_HINT_T0);
-    uint32_t masks[Bits][4];
+    if constexpr (Half == 1) _mm_prefetch(reinterpret_cast<const char*>(high + kAhead * Bits / 4), _MM_HINT_T0);
+    uint32_t masks[Bits][4];  // per bit, for rows 0-15, 16-31, 32-47, 48-63
     std::memcpy(masks, high, sizeof masks);
     for (int b = 0; b < Bits; ++b)
-      for (int i = 0; i < 4; ++i)
-        lanes[i] = _mm512_mask_add_epi16(lanes[i], _cvtu32_mask32(masks[b][i]), lanes[i], _mm512_set1_epi16(16 << b));
+      for (int j = 0; j < 2; ++j)
+        lanes[j] = _mm512_mask_add_epi16(lanes[j], _cvtu32_mask32(masks[b][Half + 2 * j]), lanes[j],
+                                         _mm512_set1_epi16(16 << b));
   }
 }
 
-// acc[r][i] += the 64 rows' 128 + v at columns k, k + 1 (`spread`) times x[r][k, k + 1].
-template <int Rows, int Bits>
+// Half h of an 8-bit weight's 64 rows at columns k, k + 1 as pairs of 16-bit integers
+// v = 16 * high + low, from its low and high nibbles (at `low` and `high`).
+template <int Half>
+inline void spread_bytes(const uint8_t* low, const uint8_t* high, __m512i (&lanes)[2]) {
+  __m512i highs[2];
+  spread<Half, 0, false>(low, nullptr, lanes);
+  spread<Half, 0, false>(high, nullptr, highs);
+  for (int j = 0; j < 2; ++j) lanes[j] = _mm512_or_si512(lanes[j], _mm512_slli_epi16(highs[j], 4));
+}
+
+// acc[r][j] += half h of the 64 rows' 128 + v at columns k, k + 1 (`spread`) times x[r][k, k + 1].
+template <int Rows, int Half, int Bits>
 inline void multiply_add(const uint8_t* columns, const uint8_t* high, const uint16_t* x, int64_t K,
-                         __m512 (&acc)[Rows][4]) {
-  __m512i lanes[4];
-  spread<Bits>(columns, high, lanes);
+                         __m512 (&acc)[Rows][2]) {
+  __m512i lanes[2];
+  spread<Half, Bits>(columns, high, lanes);
   for (int r = 0; r < Rows; ++r) {
     uint32_t pair;  // x[r][k], x[r][k + 1]
     std::memcpy(&pair, x + r * K, sizeof pair);
     const __m512bh xs = (__m512bh)_mm512_set1_epi32(pair);
-    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)lanes[i], xs);
+    for (int j = 0; j < 2; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)lanes[j], xs);
+  }
+}
+
+// acc += pairs of 16-bit integers a times b, summed (vpdpwssd). In assembly: GCC 12's intrinsic copied
+// every accumulator to a new register and spilled some, each step of the loop.
+inline void dot_add(__m512i& acc, __m512i a, __m512i b) { asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)); }
+
+// The same for an 8-bit weight, exact in integers: acc[r][j] += v at columns k, k + 1 times
+// x[r][k, k + 1], x here 16-bit integers.
+template <int Rows, int Half>
+inline void multiply_add_bytes(const uint8_t* low, const uint8_t* high, const uint16_t* x, int64_t K,
+                               __m512i (&acc)[Rows][2]) {
+  __m512i lanes[2];
+  spread_bytes<Half>(low, high, lanes);
+  for (int r = 0; r < Rows; ++r) {
+    uint32_t pair;
+    std::memcpy(&pair, x + r * K, sizeof pair);
+    const __m512i xs = _mm512_set1_epi32(pair);
+    for (int j = 0; j < 2; ++j) dot_add(acc[r][j], lanes[j], xs);
   }
 }
 
@@ -119,97 +154,126 @@ Block block_at(const Weight& w, int64_t block) {
           w.scales + block * (w.K / kGroup) * kBlockRows * (Zeros ? 2 : 1)};
 }
 
-// Group g's scale and zero for rows 16i..16i+15 of a block (`Block::scales`).
+// Group g's scale and zero for rows first..first+15 of a block (`Block::scales`).
 template <bool Zeros>
-inline void scale_zero(const uint16_t* scales, int64_t g, int i, __m512& scale, __m512& zero) {
+inline void scale_zero(const uint16_t* scales, int64_t g, int first, __m512& scale, __m512& zero) {
   zero = _mm512_setzero_ps();
   if constexpr (Zeros) {
-    const __m512i pairs = _mm512_loadu_si512(scales + 2 * (g * kBlockRows + 16 * i));
+    const __m512i pairs = _mm512_loadu_si512(scales + 2 * (g * kBlockRows + first));
     scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
     zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF0000)));
   } else {
-    const __m256i alone = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kBlockRows + 16 * i));
+    const __m256i alone = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kBlockRows + first));
     scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(alone), 16));
   }
 }
 
-// One 64-row block of the weight times `Rows` rows of x (and of 16 x, for an 8-bit weight's high
-// nibbles), written to out[r][the block's columns].
-template <int Rows, int Form, bool Zeros>
-void block_product(const Weight& w, int64_t block, const uint16_t* x, const uint16_t* x16, const float* group_sums,
-                   uint16_t* out) {
-  constexpr bool Eight = Form == kNibble;
-  const int64_t groups = w.K / kGroup, column = block * kBlockRows;
-  const auto [low, high, scales] = block_at<Form, Zeros>(w, block);
-  __m512 result[Rows][4];
-  for (int r = 0; r < Rows; ++r)
-    for (int i = 0; i < 4; ++i) result[r][i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[Rows][4];
+// Group g of half h of a 64-row block times `Rows` rows of x, before the group's scales: acc[r][j] =
+// the sum of (128 + v) x over the group for rows kFirstRow[h][j]..+15, or for an 8-bit weight of v x,
+// x then 16-bit integers x * 2^e (`units[r * groups]` = 2^-e), their sums exact in 32-bit integers (< 2^28).
+template <int Rows, int Form, int Half>
+inline void group_product(const Block& b, int64_t g, const uint16_t* x, int64_t K, const float* units,
+                          __m512 (&acc)[Rows][2]) {
+  const int64_t groups = K / kGroup;
+  if constexpr (Form == kNibble) {
+    __m512i sums[Rows][2];
     for (int r = 0; r < Rows; ++r)
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2) {
-      if constexpr (Eight) {
-        multiply_add<Rows, 0>(low + k * (kBlockRows / 2), nullptr, x + k, w.K, acc);
-        multiply_add<Rows, 0>(high + k * (kBlockRows / 2), nullptr, x16 + k, w.K, acc);
-      } else {
-        multiply_add<Rows, Form>(low + k * (kBlockRows / 2), high + k * 8 * Form, x + k, w.K, acc);
-      }
-    }
-    for (int i = 0; i < 4; ++i) {
-      __m512 scale, zero;
-      scale_zero<Zeros>(scales, g, i, scale, zero);
-      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(excess(Form, Zeros)), scale, zero);
-      for (int r = 0; r < Rows; ++r) {
-        result[r][i] = _mm512_fmadd_ps(acc[r][i], scale, result[r][i]);
-        result[r][i] = _mm512_fmadd_ps(offset, _mm512_set1_ps(group_sums[r * groups + g]), result[r][i]);
-      }
-    }
+      for (int j = 0; j < 2; ++j) sums[r][j] = _mm512_setzero_si512();
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2)
+      multiply_add_bytes<Rows, Half>(b.low + k * (kBlockRows / 2), b.high + k * (kBlockRows / 2), x + k, K, sums);
+    for (int r = 0; r < Rows; ++r)
+      for (int j = 0; j < 2; ++j)
+        acc[r][j] = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[r][j]), _mm512_set1_ps(units[r * groups + g]));
+  } else {
+    for (int r = 0; r < Rows; ++r)
+      for (int j = 0; j < 2; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2)
+      multiply_add<Rows, Half, Form>(b.low + k * (kBlockRows / 2), b.high + k * 8 * Form, x + k, K, acc);
   }
-  for (int r = 0; r < Rows; ++r)
-    for (int i = 0; i < 4; ++i)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * w.N + column + kFirstRow[i]),
-                          (__m256i)_mm512_cvtneps_pbh(result[r][i]));
 }
 
-// One 64-row block of the weight dequantized to bfloat16, column by column: out[k][the block's rows]
-// (out's rows `stride` apart), each value (v - middle) * scale + zero with one rounding.
+// result[r][h][j] += group g of half h of a block times `Rows` rows of x, scaled: `group_product`
+// times the scales, and each group's sum of x (`sums[r][g]`) times its offsets.
+template <int Rows, int Form, bool Zeros, int Half>
+inline void add_group(const Block& b, int64_t g, const uint16_t* x, int64_t K, const float* units,
+                      const float* sums, __m512 (&result)[Rows][2][2]) {
+  const int64_t groups = K / kGroup;
+  __m512 acc[Rows][2];
+  group_product<Rows, Form, Half>(b, g, x, K, units, acc);
+  for (int j = 0; j < 2; ++j) {
+    __m512 scale, zero;
+    scale_zero<Zeros>(b.scales, g, kFirstRow[Half][j], scale, zero);
+    const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(excess(Form, Zeros)), scale, zero);
+    for (int r = 0; r < Rows; ++r) {
+      result[r][Half][j] = _mm512_fmadd_ps(acc[r][j], scale, result[r][Half][j]);
+      result[r][Half][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[r * groups + g]), result[r][Half][j]);
+    }
+  }
+}
+
+// One 64-row block of the weight times `Rows` rows of x (bfloat16, or for an 8-bit weight integers
+// and units: `group_product`), written to out[r][the block's columns]; `sums[r][g]` is each
+// group's sum of x.
+template <int Rows, int Form, bool Zeros>
+void block_product(const Weight& w, int64_t block, const uint16_t* x, const float* units, const float* sums,
+                   uint16_t* out) {
+  const Block b = block_at<Form, Zeros>(w, block);
+  __m512 result[Rows][2][2];
+  for (int r = 0; r < Rows; ++r)
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 2; ++j) result[r][h][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.K / kGroup; ++g) {  // a group's bytes, 1 KB, stay in cache for the second half
+    add_group<Rows, Form, Zeros, 0>(b, g, x, w.K, units, sums, result);
+    add_group<Rows, Form, Zeros, 1>(b, g, x, w.K, units, sums, result);
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 2; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * w.N + block * kBlockRows + kFirstRow[h][j]),
+                            (__m256i)_mm512_cvtneps_pbh(result[r][h][j]));
+}
+
+// Half h of a 64-row block's columns k, k + 1 dequantized to bfloat16 into out[k], out[k + 1] (rows
+// `stride` apart) at the half's rows, each value (v - middle) * scale + zero with one rounding.
+template <int Form, bool Zeros, int Half>
+inline void dequantize_half(const Block& b, int64_t g, int64_t k, uint16_t* out, int64_t stride) {
+  __m512i lanes[2];
+  if constexpr (Form == kNibble)
+    spread_bytes<Half>(b.low + k * (kBlockRows / 2), b.high + k * (kBlockRows / 2), lanes);
+  else
+    spread<Half, Form>(b.low + k * (kBlockRows / 2), b.high + k * 8 * Form, lanes);
+  for (int j = 0; j < 2; ++j) {
+    __m512 scale, zero;
+    scale_zero<Zeros>(b.scales, g, kFirstRow[Half][j], scale, zero);
+    // Each lane: column k's value in its low half, column k + 1's in its high half (128 + v as
+    // bfloat16, or an 8-bit weight's v as an integer).
+    __m512 column[2];
+    if constexpr (Form == kNibble)
+      column[0] = _mm512_cvtepi32_ps(_mm512_and_si512(lanes[j], _mm512_set1_epi32(0xFFFF))),
+      column[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(lanes[j], 16));
+    else
+      column[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lanes[j], 16)),
+      column[1] = _mm512_castsi512_ps(_mm512_and_si512(lanes[j], _mm512_set1_epi32(0xFFFF0000)));
+    for (int c = 0; c < 2; ++c) {  // v - middle is exact: small integers
+      const __m512 value = _mm512_fmadd_ps(_mm512_sub_ps(column[c], _mm512_set1_ps(excess(Form, Zeros))), scale, zero);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k + c) * stride + kFirstRow[Half][j]),
+                          (__m256i)_mm512_cvtneps_pbh(value));
+    }
+  }
+}
+
+// One 64-row block of the weight dequantized to bfloat16, column by column: out[k][the block's rows].
 template <int Form, bool Zeros>
 void block_dequantize(const Weight& w, int64_t block, uint16_t* out, int64_t stride) {
-  constexpr bool Eight = Form == kNibble;
-  const auto [low, high, scales] = block_at<Form, Zeros>(w, block);
-  const __m512 excess_ = _mm512_set1_ps(excess(Form, Zeros)), sixteen = _mm512_set1_ps(16.0f);
-  const __m512i upper = _mm512_set1_epi32(0xFFFF0000);
-  for (int64_t g = 0; g < w.K / kGroup; ++g) {
-    __m512 scale[4], zero[4];
-    for (int i = 0; i < 4; ++i) scale_zero<Zeros>(scales, g, i, scale[i], zero[i]);
+  const Block b = block_at<Form, Zeros>(w, block);
+  for (int64_t g = 0; g < w.K / kGroup; ++g)
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2) {
-      __m512i lanes[4], highs[4];
-      if constexpr (Eight) {
-        spread<0>(low + k * (kBlockRows / 2), nullptr, lanes);
-        spread<0>(high + k * (kBlockRows / 2), nullptr, highs);
-      } else {
-        spread<Form>(low + k * (kBlockRows / 2), high + k * 8 * Form, lanes);
-      }
-      for (int i = 0; i < 4; ++i) {
-        // Each lane: column k's 128 + v in its low half, column k + 1's in its high half.
-        __m512 column[2] = {_mm512_castsi512_ps(_mm512_slli_epi32(lanes[i], 16)),
-                            _mm512_castsi512_ps(_mm512_and_si512(lanes[i], upper))};
-        if constexpr (Eight) {
-          column[0] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(highs[i], 16)), sixteen, column[0]);
-          column[1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(highs[i], upper)), sixteen, column[1]);
-        }
-        for (int c = 0; c < 2; ++c) {  // v - middle is exact: small integers
-          const __m512 value = _mm512_fmadd_ps(_mm512_sub_ps(column[c], excess_), scale[i], zero[i]);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k + c) * stride + kFirstRow[i]),
-                              (__m256i)_mm512_cvtneps_pbh(value));
-        }
-      }
+      dequantize_half<Form, Zeros, 0>(b, g, k, out, stride);
+      dequantize_half<Form, Zeros, 1>(b, g, k, out, stride);
     }
-  }
 }
 
-using BlockProduct = void (*)(const Weight&, int64_t, const uint16_t*, const uint16_t*, const float*, uint16_t*);
+using BlockProduct = void (*)(const Weight&, int64_t, const uint16_t*, const float*, const float*, uint16_t*);
 using BlockDequantize = void (*)(const Weight&, int64_t, uint16_t*, int64_t);
 
 // A weight's block functions, by its form and whether it has zeros: products by rows of x, and
@@ -220,8 +284,8 @@ struct Functions {
 };
 template <int Form, bool Zeros>
 constexpr Functions kFunctions = {
-    {nullptr, block_product<1, Form, Zeros>, block_product<2, Form, Zeros>, block_product<3, Form, Zeros>,
-     block_product<4, Form, Zeros>},
+    {nullptr, block_product<1, Form, Zeros>, block_product<2, Form, Zeros>, nullptr, block_product<4, Form, Zeros>,
+     nullptr, nullptr, nullptr, block_product<8, Form, Zeros>},
     block_dequantize<Form, Zeros>};
 template <bool Zeros>
 const Functions& functions_for(int form) {
@@ -235,13 +299,6 @@ const Functions& functions_for(int form) {
 }
 const Functions& functions_for(const Weight& w) {
   return w.zeros ? functions_for<true>(w.form) : functions_for<false>(w.form);
-}
-
-float from_bfloat16(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof value);
-  return value;
 }
 
 // The weight's tensors, checked; they must stay alive (and contiguous) while it is used.
@@ -266,36 +323,72 @@ Weight weight_of(const at::Tensor& packed, const at::Tensor& scales_zeros, const
           terms == 2 ? kNibble : static_cast<int>(high_bits), zeros, N, K};
 }
 
+// x as `block_product` reads it: each group's sum, and for an 8-bit weight 16-bit integers and their
+// units. A group's integers are x * 2^e with e as large as keeps its largest below 2^15: that one
+// exact (8 significant bits), each smaller value rounded to the nearest multiple of 2^-e, an error
+// at most 2^-15 of the largest; the products and their sums are then exact in 32-bit integers.
+struct Input {
+  std::vector<uint16_t> integers;
+  std::vector<float> units, sums;
+};
+Input input_for(const uint16_t* x, int64_t M, int64_t K, bool integers) {
+  const int64_t groups = M * (K / kGroup);
+  Input in{std::vector<uint16_t>(integers ? M * K : 0), std::vector<float>(integers ? groups : 0),
+           std::vector<float>(groups)};
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 halves[2];
+    bool finite = true;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + g * kGroup + 16 * h));
+      const __m256i exponent = _mm256_set1_epi16(0x7F80);  // all ones: infinite or NaN
+      finite = finite && !_mm256_cmpeq_epi16_mask(_mm256_and_si256(bits, exponent), exponent);
+      halves[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+    if (!integers) {
+      in.sums[g] = _mm512_reduce_add_ps(_mm512_add_ps(halves[0], halves[1]));
+      continue;
+    }
+    if (!finite) {  // no integers for it: the row's products are NaN
+      in.units[g] = in.sums[g] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(halves[0]), _mm512_abs_ps(halves[1])));
+    int exponent = 0;  // largest = m * 2^exponent, 0.5 <= m < 1
+    std::frexp(largest, &exponent);
+    const int e = largest > 0 ? std::min(15 - exponent, 120) : 0;
+    const __m512 scale = _mm512_set1_ps(std::ldexp(1.0f, e));
+    __m512i sum = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {  // multiplying by 2^e is exact; rounding to integers, to the nearest even
+      const __m512i values = _mm512_cvtps_epi32(_mm512_mul_ps(halves[h], scale));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(in.integers.data() + g * kGroup + 16 * h),
+                          _mm512_cvtepi32_epi16(values));
+      sum = _mm512_add_epi32(sum, values);
+    }
+    in.units[g] = std::ldexp(1.0f, -e);
+    in.sums[g] = std::ldexp(static_cast<float>(_mm512_reduce_add_epi32(sum)), -e);  // exact: |sum| < 2^20
+  }
+  return in;
+}
+
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
                    const at::Tensor& high) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_mm: x must be (M, K) bfloat16");
   const auto xs = x.contiguous();
   const Weight w = weight_of(packed, scales_zeros, high);
-  const int64_t M = x.size(0), K = w.K, N = w.N, form = w.form;
+  const int64_t M = x.size(0), K = w.K, N = w.N, groups = K / kGroup;
   TORCH_CHECK(x.size(1) == K, "int4_mm: x must have as many columns as the weight");
-  const auto* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
-  std::vector<float> sums(M * (K / kGroup));  // each group's sum of x, in float32
-  std::vector<uint16_t> x16(form == kNibble ? M * K : 0);  // 16 x in bfloat16 (exact), for high nibbles
-  for (int64_t i = 0; i < M * K; ++i) {
-    const float value = from_bfloat16(xp[i]);
-    sums[i / kGroup] += value;
-    if (form == kNibble) {
-      const float sixteen = 16.0f * value;
-      uint32_t bits;
-      std::memcpy(&bits, &sixteen, sizeof bits);
-      x16[i] = static_cast<uint16_t>(bits >> 16);  // exact: only the exponent moved
-    }
-  }
+  const bool integers = w.form == kNibble;
+  const Input in = input_for(reinterpret_cast<const uint16_t*>(xs.data_ptr()), M, K, integers);
+  const uint16_t* xp = integers ? in.integers.data() : reinterpret_cast<const uint16_t*>(xs.data_ptr());
   auto out = at::empty({M, N}, x.options());
   const BlockProduct* products = functions_for(w).product;
-  const float* gp = sums.data();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, N / kBlockRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block)
-      for (int64_t m = 0; m < M; m += kMaxRows) {
-        const auto rows = std::min<int64_t>(kMaxRows, M - m);
-        products[rows](w, block, xp + m * K, x16.data() + (form == kNibble ? m * K : 0), gp + m * (K / kGroup),
-                       op + m * N);
+      for (int64_t m = 0, rows; m < M; m += rows) {
+        rows = M - m >= 8 ? 8 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        products[rows](w, block, xp + m * K, integers ? in.units.data() + m * groups : nullptr,
+                       in.sums.data() + m * groups, op + m * N);
       }
   });
   return out;
