@@ -401,6 +401,8 @@ def test_tokenizer_encodes_like_transformers_gguf_tokenizer(arch, sources, cache
     reference = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     source = AutoTokenizer.from_pretrained(src)
     assert kvgens.transformers is None  # the converted tokenizer loads without transformers
+    merges = json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
+    assert all(isinstance(m, str) for m in merges)  # the form that parses faster (`compact_merges`)
     for text in TEXTS:
         ids = ours(text).input_ids
         assert ids == reference(text).input_ids == source(text).input_ids == kvgens.encode(text), text

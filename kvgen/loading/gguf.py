@@ -458,6 +458,7 @@ def save_tokenizer(g: GGUFFile, folder: Path) -> None:
     """
     tokenizer = build_tokenizer(g)
     tokenizer.save_pretrained(folder, save_jinja_files=False)  # a chat template goes inside tokenizer_config.json
+    compact_merges(folder / "tokenizer.json")
     path = folder / "tokenizer_config.json"
     settings = json.loads(path.read_text())
     for key in ("name_or_path", "is_local", "local_files_only"):  # where it was built, not what it is
@@ -476,6 +477,18 @@ def save_tokenizer(g: GGUFFile, folder: Path) -> None:
     }
     settings.update(tokenizer_settings(g))
     path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
+def compact_merges(path: Path) -> None:
+    """A BPE tokenizer.json's merges as "a b" strings, the older form, in place of the pairs that
+    tokenizers writes, where no token holds a space: it parses those faster, and a large
+    vocabulary's parse is most of a warm load (Gemma 3's 515k merges: 1.0 s against 1.5 s)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = data.get("model", {}).get("merges") or []
+    if not merges or not all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges):
+        return
+    data["model"]["merges"] = [" ".join(m) for m in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def build_tokenizer(g: GGUFFile):
