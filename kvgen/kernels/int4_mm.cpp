@@ -58,10 +58,14 @@ struct Spread {
 };
 const Spread kSpread;
 
-// A block is multiplied in two halves, each the rows of one spread of its bytes: their low nibbles
-// (rows 16h..16h+15) and high ones (rows 32 + 16h..): a half's lanes j = 0, 1 hold rows kFirstRow[h][j].
-// Two halves of 8 rows of x take 16 accumulators where a whole block took 32 (all the registers).
+// A block's rows in two halves, each the rows of one spread of its bytes: their low nibbles (rows
+// 16h..16h+15) and high ones (rows 32 + 16h..), kFirstRow[h][0] and [1]. A pass over the block takes
+// `Halves` of them from half `First`: both for up to 4 rows of x (16 accumulators), one at a time for
+// 8 (16 again, where both would take all 32 registers). A pass's lane l holds the rows
+// kFirstRow[First + l / 2][l % 2].
 constexpr int kFirstRow[2][2] = {{0, 32}, {16, 48}};
+template <int First>
+constexpr int first_row(int lane) { return kFirstRow[First + lane / 2][lane % 2]; }
 
 struct Weight {
   const uint8_t* packed;         // (terms, N, K/2): one term, or an 8-bit value's high and low nibbles
@@ -72,52 +76,57 @@ struct Weight {
   int64_t N, K;
 };
 
-// Half h of the 64 rows' 128 + v at columns k, k + 1 as bfloat16 pairs (lanes[j]: rows
-// kFirstRow[h][j]): v their nibbles (at `columns`) and, with `Bits`, 16 times their high bits. Those
-// are masks (at `high`), one per bit and 16 rows, a bit per lane half (kvgen/quant.py `pack_high`):
-// each adds its 16 or 32. Without `Magic`, v alone as 16-bit integers.
-template <int Half, int Bits, bool Magic = true>
-inline void spread(const uint8_t* columns, const uint8_t* high, __m512i (&lanes)[2]) {
+// A pass's rows' 128 + v at columns k, k + 1 as bfloat16 pairs: v their nibbles (at `columns`) and,
+// with `Bits`, 16 times their high bits. Those are masks (at `high`), one per bit and 16 rows, a bit
+// per lane half (kvgen/quant.py `pack_high`): each adds its 16 or 32. Without `Magic`, v alone as
+// 16-bit integers.
+template <int First, int Halves, int Bits, bool Magic = true>
+inline void spread(const uint8_t* columns, const uint8_t* high, __m512i (&lanes)[2 * Halves]) {
   const __m512i nibble = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(Magic ? kMagic : 0);
   const __mmask64 values_only = 0x5555555555555555ULL;  // the other bytes of each lane are zeroed
-  // The second half asks for the weights ahead: asked in the first, a large head read ~10 % slower.
-  if constexpr (Half == 1) _mm_prefetch(reinterpret_cast<const char*>(columns + kAhead), _MM_HINT_T0);
-  const __m512i bytes = _mm512_maskz_permutexvar_epi8(values_only, _mm512_load_si512(kSpread.index[Half]),
-                                                      _mm512_loadu_si512(columns));
-  lanes[0] = _mm512_or_si512(_mm512_and_si512(bytes, nibble), magic);
-  lanes[1] = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), magic);  // the lane's other byte is 0
+  // The pass that ends a block's second half asks for the weights ahead: from a first half's pass,
+  // a large head read ~10 % slower.
+  constexpr bool ask = First + Halves == 2;
+  if constexpr (ask) _mm_prefetch(reinterpret_cast<const char*>(columns + kAhead), _MM_HINT_T0);
+  const __m512i both = _mm512_loadu_si512(columns);
+  for (int h = 0; h < Halves; ++h) {
+    const __m512i bytes =
+        _mm512_maskz_permutexvar_epi8(values_only, _mm512_load_si512(kSpread.index[First + h]), both);
+    lanes[2 * h] = _mm512_or_si512(_mm512_and_si512(bytes, nibble), magic);
+    lanes[2 * h + 1] = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), magic);  // the lane's other byte is 0
+  }
   if constexpr (Bits > 0) {
-    if constexpr (Half == 1) _mm_prefetch(reinterpret_cast<const char*>(high + kAhead * Bits / 4), _MM_HINT_T0);
+    if constexpr (ask) _mm_prefetch(reinterpret_cast<const char*>(high + kAhead * Bits / 4), _MM_HINT_T0);
     uint32_t masks[Bits][4];  // per bit, for rows 0-15, 16-31, 32-47, 48-63
     std::memcpy(masks, high, sizeof masks);
     for (int b = 0; b < Bits; ++b)
-      for (int j = 0; j < 2; ++j)
-        lanes[j] = _mm512_mask_add_epi16(lanes[j], _cvtu32_mask32(masks[b][Half + 2 * j]), lanes[j],
-                                         _mm512_set1_epi16(16 << b));
+      for (int l = 0; l < 2 * Halves; ++l)
+        lanes[l] = _mm512_mask_add_epi16(lanes[l], _cvtu32_mask32(masks[b][first_row<First>(l) / 16]),
+                                         lanes[l], _mm512_set1_epi16(16 << b));
   }
 }
 
-// Half h of an 8-bit weight's 64 rows at columns k, k + 1 as pairs of 16-bit integers
+// A pass's rows of an 8-bit weight at columns k, k + 1 as pairs of 16-bit integers
 // v = 16 * high + low, from its low and high nibbles (at `low` and `high`).
-template <int Half>
-inline void spread_bytes(const uint8_t* low, const uint8_t* high, __m512i (&lanes)[2]) {
-  __m512i highs[2];
-  spread<Half, 0, false>(low, nullptr, lanes);
-  spread<Half, 0, false>(high, nullptr, highs);
-  for (int j = 0; j < 2; ++j) lanes[j] = _mm512_or_si512(lanes[j], _mm512_slli_epi16(highs[j], 4));
+template <int First, int Halves>
+inline void spread_bytes(const uint8_t* low, const uint8_t* high, __m512i (&lanes)[2 * Halves]) {
+  __m512i highs[2 * Halves];
+  spread<First, Halves, 0, false>(low, nullptr, lanes);
+  spread<First, Halves, 0, false>(high, nullptr, highs);
+  for (int l = 0; l < 2 * Halves; ++l) lanes[l] = _mm512_or_si512(lanes[l], _mm512_slli_epi16(highs[l], 4));
 }
 
-// acc[r][j] += half h of the 64 rows' 128 + v at columns k, k + 1 (`spread`) times x[r][k, k + 1].
-template <int Rows, int Half, int Bits>
+// acc[r][l] += a pass's rows' 128 + v at columns k, k + 1 (`spread`) times x[r][k, k + 1].
+template <int Rows, int First, int Halves, int Bits>
 inline void multiply_add(const uint8_t* columns, const uint8_t* high, const uint16_t* x, int64_t K,
-                         __m512 (&acc)[Rows][2]) {
-  __m512i lanes[2];
-  spread<Half, Bits>(columns, high, lanes);
+                         __m512 (&acc)[Rows][2 * Halves]) {
+  __m512i lanes[2 * Halves];
+  spread<First, Halves, Bits>(columns, high, lanes);
   for (int r = 0; r < Rows; ++r) {
     uint32_t pair;  // x[r][k], x[r][k + 1]
     std::memcpy(&pair, x + r * K, sizeof pair);
     const __m512bh xs = (__m512bh)_mm512_set1_epi32(pair);
-    for (int j = 0; j < 2; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)lanes[j], xs);
+    for (int l = 0; l < 2 * Halves; ++l) acc[r][l] = _mm512_dpbf16_ps(acc[r][l], (__m512bh)lanes[l], xs);
   }
 }
 
@@ -125,18 +134,18 @@ inline void multiply_add(const uint8_t* columns, const uint8_t* high, const uint
 // every accumulator to a new register and spilled some, each step of the loop.
 inline void dot_add(__m512i& acc, __m512i a, __m512i b) { asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)); }
 
-// The same for an 8-bit weight, exact in integers: acc[r][j] += v at columns k, k + 1 times
+// The same for an 8-bit weight, exact in integers: acc[r][l] += v at columns k, k + 1 times
 // x[r][k, k + 1], x here 16-bit integers.
-template <int Rows, int Half>
+template <int Rows, int First, int Halves>
 inline void multiply_add_bytes(const uint8_t* low, const uint8_t* high, const uint16_t* x, int64_t K,
-                               __m512i (&acc)[Rows][2]) {
-  __m512i lanes[2];
-  spread_bytes<Half>(low, high, lanes);
+                               __m512i (&acc)[Rows][2 * Halves]) {
+  __m512i lanes[2 * Halves];
+  spread_bytes<First, Halves>(low, high, lanes);
   for (int r = 0; r < Rows; ++r) {
     uint32_t pair;
     std::memcpy(&pair, x + r * K, sizeof pair);
     const __m512i xs = _mm512_set1_epi32(pair);
-    for (int j = 0; j < 2; ++j) dot_add(acc[r][j], lanes[j], xs);
+    for (int l = 0; l < 2 * Halves; ++l) dot_add(acc[r][l], lanes[l], xs);
   }
 }
 
@@ -168,45 +177,47 @@ inline void scale_zero(const uint16_t* scales, int64_t g, int first, __m512& sca
   }
 }
 
-// Group g of half h of a 64-row block times `Rows` rows of x, before the group's scales: acc[r][j] =
-// the sum of (128 + v) x over the group for rows kFirstRow[h][j]..+15, or for an 8-bit weight of v x,
-// x then 16-bit integers x * 2^e (`units[r * groups]` = 2^-e), their sums exact in 32-bit integers (< 2^28).
-template <int Rows, int Form, int Half>
+// Group g of a pass over a 64-row block times `Rows` rows of x, before the group's scales: acc[r][l] =
+// the sum of (128 + v) x over the group for lane l's rows, or for an 8-bit weight of v x, x then
+// 16-bit integers x * 2^e (`units[r * groups]` = 2^-e), their sums exact in 32-bit integers (< 2^28).
+template <int Rows, int Form, int First, int Halves>
 inline void group_product(const Block& b, int64_t g, const uint16_t* x, int64_t K, const float* units,
-                          __m512 (&acc)[Rows][2]) {
+                          __m512 (&acc)[Rows][2 * Halves]) {
   const int64_t groups = K / kGroup;
   if constexpr (Form == kNibble) {
-    __m512i sums[Rows][2];
+    __m512i sums[Rows][2 * Halves];
     for (int r = 0; r < Rows; ++r)
-      for (int j = 0; j < 2; ++j) sums[r][j] = _mm512_setzero_si512();
+      for (int l = 0; l < 2 * Halves; ++l) sums[r][l] = _mm512_setzero_si512();
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2)
-      multiply_add_bytes<Rows, Half>(b.low + k * (kBlockRows / 2), b.high + k * (kBlockRows / 2), x + k, K, sums);
+      multiply_add_bytes<Rows, First, Halves>(b.low + k * (kBlockRows / 2), b.high + k * (kBlockRows / 2), x + k, K,
+                                              sums);
     for (int r = 0; r < Rows; ++r)
-      for (int j = 0; j < 2; ++j)
-        acc[r][j] = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[r][j]), _mm512_set1_ps(units[r * groups + g]));
+      for (int l = 0; l < 2 * Halves; ++l)
+        acc[r][l] = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[r][l]), _mm512_set1_ps(units[r * groups + g]));
   } else {
     for (int r = 0; r < Rows; ++r)
-      for (int j = 0; j < 2; ++j) acc[r][j] = _mm512_setzero_ps();
+      for (int l = 0; l < 2 * Halves; ++l) acc[r][l] = _mm512_setzero_ps();
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2)
-      multiply_add<Rows, Half, Form>(b.low + k * (kBlockRows / 2), b.high + k * 8 * Form, x + k, K, acc);
+      multiply_add<Rows, First, Halves, Form>(b.low + k * (kBlockRows / 2), b.high + k * 8 * Form, x + k, K, acc);
   }
 }
 
-// result[r][h][j] += group g of half h of a block times `Rows` rows of x, scaled: `group_product`
-// times the scales, and each group's sum of x (`sums[r][g]`) times its offsets.
-template <int Rows, int Form, bool Zeros, int Half>
+// result[r][row / 16] += group g of a pass over a block times `Rows` rows of x, scaled:
+// `group_product` times the scales, and each group's sum of x (`sums[r][g]`) times its offsets.
+template <int Rows, int Form, bool Zeros, int First, int Halves>
 inline void add_group(const Block& b, int64_t g, const uint16_t* x, int64_t K, const float* units,
-                      const float* sums, __m512 (&result)[Rows][2][2]) {
+                      const float* sums, __m512 (&result)[Rows][4]) {
   const int64_t groups = K / kGroup;
-  __m512 acc[Rows][2];
-  group_product<Rows, Form, Half>(b, g, x, K, units, acc);
-  for (int j = 0; j < 2; ++j) {
+  __m512 acc[Rows][2 * Halves];
+  group_product<Rows, Form, First, Halves>(b, g, x, K, units, acc);
+  for (int l = 0; l < 2 * Halves; ++l) {
+    const int row = first_row<First>(l);
     __m512 scale, zero;
-    scale_zero<Zeros>(b.scales, g, kFirstRow[Half][j], scale, zero);
+    scale_zero<Zeros>(b.scales, g, row, scale, zero);
     const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(excess(Form, Zeros)), scale, zero);
     for (int r = 0; r < Rows; ++r) {
-      result[r][Half][j] = _mm512_fmadd_ps(acc[r][j], scale, result[r][Half][j]);
-      result[r][Half][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[r * groups + g]), result[r][Half][j]);
+      __m512& out = result[r][row / 16];
+      out = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[r * groups + g]), _mm512_fmadd_ps(acc[r][l], scale, out));
     }
   }
 }
@@ -218,59 +229,56 @@ template <int Rows, int Form, bool Zeros>
 void block_product(const Weight& w, int64_t block, const uint16_t* x, const float* units, const float* sums,
                    uint16_t* out) {
   const Block b = block_at<Form, Zeros>(w, block);
-  __m512 result[Rows][2][2];
+  __m512 result[Rows][4];
   for (int r = 0; r < Rows; ++r)
-    for (int h = 0; h < 2; ++h)
-      for (int j = 0; j < 2; ++j) result[r][h][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < w.K / kGroup; ++g) {  // a group's bytes, 1 KB, stay in cache for the second half
-    add_group<Rows, Form, Zeros, 0>(b, g, x, w.K, units, sums, result);
-    add_group<Rows, Form, Zeros, 1>(b, g, x, w.K, units, sums, result);
-  }
-  for (int r = 0; r < Rows; ++r)
-    for (int h = 0; h < 2; ++h)
-      for (int j = 0; j < 2; ++j)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * w.N + block * kBlockRows + kFirstRow[h][j]),
-                            (__m256i)_mm512_cvtneps_pbh(result[r][h][j]));
-}
-
-// Half h of a 64-row block's columns k, k + 1 dequantized to bfloat16 into out[k], out[k + 1] (rows
-// `stride` apart) at the half's rows, each value (v - middle) * scale + zero with one rounding.
-template <int Form, bool Zeros, int Half>
-inline void dequantize_half(const Block& b, int64_t g, int64_t k, uint16_t* out, int64_t stride) {
-  __m512i lanes[2];
-  if constexpr (Form == kNibble)
-    spread_bytes<Half>(b.low + k * (kBlockRows / 2), b.high + k * (kBlockRows / 2), lanes);
-  else
-    spread<Half, Form>(b.low + k * (kBlockRows / 2), b.high + k * 8 * Form, lanes);
-  for (int j = 0; j < 2; ++j) {
-    __m512 scale, zero;
-    scale_zero<Zeros>(b.scales, g, kFirstRow[Half][j], scale, zero);
-    // Each lane: column k's value in its low half, column k + 1's in its high half (128 + v as
-    // bfloat16, or an 8-bit weight's v as an integer).
-    __m512 column[2];
-    if constexpr (Form == kNibble)
-      column[0] = _mm512_cvtepi32_ps(_mm512_and_si512(lanes[j], _mm512_set1_epi32(0xFFFF))),
-      column[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(lanes[j], 16));
-    else
-      column[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lanes[j], 16)),
-      column[1] = _mm512_castsi512_ps(_mm512_and_si512(lanes[j], _mm512_set1_epi32(0xFFFF0000)));
-    for (int c = 0; c < 2; ++c) {  // v - middle is exact: small integers
-      const __m512 value = _mm512_fmadd_ps(_mm512_sub_ps(column[c], _mm512_set1_ps(excess(Form, Zeros))), scale, zero);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k + c) * stride + kFirstRow[Half][j]),
-                          (__m256i)_mm512_cvtneps_pbh(value));
+    for (int i = 0; i < 4; ++i) result[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.K / kGroup; ++g) {
+    if constexpr (Rows <= 4) {
+      add_group<Rows, Form, Zeros, 0, 2>(b, g, x, w.K, units, sums, result);
+    } else {  // a group's bytes, 1 KB, stay in cache for the second half
+      add_group<Rows, Form, Zeros, 0, 1>(b, g, x, w.K, units, sums, result);
+      add_group<Rows, Form, Zeros, 1, 1>(b, g, x, w.K, units, sums, result);
     }
   }
+  for (int r = 0; r < Rows; ++r)
+    for (int i = 0; i < 4; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * w.N + block * kBlockRows + 16 * i),
+                          (__m256i)_mm512_cvtneps_pbh(result[r][i]));
 }
 
-// One 64-row block of the weight dequantized to bfloat16, column by column: out[k][the block's rows].
+// One 64-row block of the weight dequantized to bfloat16, column by column: out[k][the block's
+// rows] (out's rows `stride` apart), each value (v - middle) * scale + zero with one rounding.
 template <int Form, bool Zeros>
 void block_dequantize(const Weight& w, int64_t block, uint16_t* out, int64_t stride) {
   const Block b = block_at<Form, Zeros>(w, block);
-  for (int64_t g = 0; g < w.K / kGroup; ++g)
+  for (int64_t g = 0; g < w.K / kGroup; ++g) {
+    __m512 scale[4], zero[4];
+    for (int l = 0; l < 4; ++l) scale_zero<Zeros>(b.scales, g, first_row<0>(l), scale[l], zero[l]);
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2) {
-      dequantize_half<Form, Zeros, 0>(b, g, k, out, stride);
-      dequantize_half<Form, Zeros, 1>(b, g, k, out, stride);
+      __m512i lanes[4];
+      if constexpr (Form == kNibble)
+        spread_bytes<0, 2>(b.low + k * (kBlockRows / 2), b.high + k * (kBlockRows / 2), lanes);
+      else
+        spread<0, 2, Form>(b.low + k * (kBlockRows / 2), b.high + k * 8 * Form, lanes);
+      for (int l = 0; l < 4; ++l) {
+        // Each lane: column k's value in its low half, column k + 1's in its high half (128 + v as
+        // bfloat16, or an 8-bit weight's v as an integer).
+        __m512 column[2];
+        if constexpr (Form == kNibble)
+          column[0] = _mm512_cvtepi32_ps(_mm512_and_si512(lanes[l], _mm512_set1_epi32(0xFFFF))),
+          column[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(lanes[l], 16));
+        else
+          column[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lanes[l], 16)),
+          column[1] = _mm512_castsi512_ps(_mm512_and_si512(lanes[l], _mm512_set1_epi32(0xFFFF0000)));
+        for (int c = 0; c < 2; ++c) {  // v - middle is exact: small integers
+          const __m512 value =
+              _mm512_fmadd_ps(_mm512_sub_ps(column[c], _mm512_set1_ps(excess(Form, Zeros))), scale[l], zero[l]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k + c) * stride + first_row<0>(l)),
+                              (__m256i)_mm512_cvtneps_pbh(value));
+        }
+      }
     }
+  }
 }
 
 using BlockProduct = void (*)(const Weight&, int64_t, const uint16_t*, const float*, const float*, uint16_t*);
