@@ -84,9 +84,9 @@ def min_p(logits: Tensor, p: float) -> Tensor:
 
 def argmax(logits: Tensor) -> Tensor:
     """(B, vocab) -> (B,) the index of each row's largest logit, the first of equal ones: what
-    `Tensor.argmax` gives. torch's CPU argmax walks the row one element at a time (~0.25 ms over a
-    262k vocabulary, 2 % of a small model's decode step); a maximum per chunk is vectorized (15 us),
-    so the first chunk that holds the row's maximum is found first, then the first maximum in it."""
+    `Tensor.argmax` gives. torch's CPU argmax walks the row one element at a time, a maximum per
+    chunk is vectorized: so the first chunk that holds the row's maximum is found first, then the
+    first maximum in it (figures in docs/speed.md)."""
     B, V = logits.shape
     chunk = next((c for c in (1024, 512, 256, 128, 64) if V % c == 0), None)
     if logits.device.type != "cpu" or chunk is None or not logits.is_contiguous():
